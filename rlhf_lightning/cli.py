@@ -1,0 +1,76 @@
+"""The ``rlhf-lightning`` command.
+
+* ``rlhf-lightning fit|validate|test --config stage.yaml``: a :class:`LightningCLI` in subclass
+  mode, so any LightningModule / LightningDataModule (the package's or a user's) is chosen by
+  ``class_path`` in YAML. ``--print_config`` after the subcommand prints a config that runs the
+  same way.
+* ``rlhf-lightning task --out DIR``: write the built-in task's JSONL files, to see the formats.
+
+Errors in the user's data or model paths end the command with a one-line message naming the
+file, line and field (exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from .data.records import DataFormatError
+from .models import ModelLoadError
+
+USER_ERRORS = (DataFormatError, ModelLoadError)
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with the package's defaults: TensorBoard logging and config saving."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "rlhf"},
+                }
+            },
+            args=args,
+            run=run,
+        )
+
+
+def write_task_command(argv: Sequence[str]) -> int:
+    from .tasks import write_task_files
+
+    parser = argparse.ArgumentParser(
+        prog="rlhf-lightning task", description="Write the built-in sentiment task as JSONL files."
+    )
+    parser.add_argument("--out", default="data/sentiment", help="folder to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(list(argv))
+    for name, path in write_task_files(options.out, seed=options.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args[:1] == ["task"]:
+            return write_task_command(args[1:])
+        RLHFCLI(args=None if argv is None else args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

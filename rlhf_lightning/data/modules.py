@@ -1,0 +1,232 @@
+"""LightningDataModules for the three record families: SFT, preferences, prompts.
+
+Each reads JSONL files (``train_file`` and an optional ``val_file``, or a seeded
+``val_fraction`` split of the training file) or, when no file is given, the built-in task.
+The tokenizer is either named here (``tokenizer``) or taken from the LightningModule being
+trained (its ``tokenizer`` attribute), so a YAML config names the model only once.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from ..models import load_tokenizer
+from .encoding import (
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    encode_preference,
+    encode_prompt_record,
+    encode_sft,
+)
+from .records import Record, read_preferences, read_prompts, read_sft
+
+BUILTIN = "the built-in task"
+
+
+class _JSONLDataModule(LightningDataModule):
+    """Shared plumbing: find records, split them, encode them, serve DataLoaders."""
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        val_fraction: float = 0.05,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
+        self.tokenizer_name = tokenizer
+        self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.val_batch_size = val_batch_size or batch_size
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_records: list[Record] = []
+        self.val_records: list[Record] = []
+        self.train_dataset: list[dict[str, Any]] = []
+        self.val_dataset: list[dict[str, Any]] = []
+
+    # --- what a subclass supplies -------------------------------------------------------
+    def read(self, path: str) -> list[Record]:
+        raise NotImplementedError
+
+    def builtin_records(self, split: str) -> list[Record]:
+        raise NotImplementedError
+
+    def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Any]], dict[str, Any]]:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------
+    def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_name is not None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        else:
+            raise ValueError(
+                f"{type(self).__name__} needs a tokenizer: pass tokenizer=<name or folder>, or "
+                "attach it to a Trainer whose LightningModule has a .tokenizer"
+            )
+        return self.tokenizer
+
+    def load_records(self) -> tuple[list[Record], list[Record]]:
+        """Training and validation records from files, a seeded split, or the built-in task."""
+        if self.train_file is None:
+            val = self.read(self.val_file) if self.val_file else self.builtin_records("val")
+            return self.builtin_records("train"), val
+        train = self.read(self.train_file)
+        if self.val_file is not None:
+            return train, self.read(self.val_file)
+        if self.val_fraction == 0.0:
+            return train, []
+        order = list(range(len(train)))
+        random.Random(self.seed).shuffle(order)
+        n_val = max(1, round(len(train) * self.val_fraction))
+        held_out = set(order[:n_val])
+        return [r for i, r in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)]
+
+    def _encode_all(self, records: list[Record], tokenizer: PreTrainedTokenizerBase, source: str) -> list[dict[str, Any]]:
+        encoded = []
+        for index, record in enumerate(records):
+            example = self.encode(record, tokenizer)
+            if example is not None:
+                example["index"] = index
+                encoded.append(example)
+        dropped = len(records) - len(encoded)
+        if dropped:
+            rank_zero_warn(
+                f"{source}: dropped {dropped} of {len(records)} records that leave nothing to learn "
+                f"after truncation to max_length={self.max_length}"
+            )
+        if records and not encoded:
+            raise ValueError(f"{source}: no usable record after truncation to max_length={self.max_length}")
+        return encoded
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset:
+            return
+        tokenizer = self.resolve_tokenizer()
+        self.train_records, self.val_records = self.load_records()
+        self.train_dataset = self._encode_all(self.train_records, tokenizer, self.train_file or BUILTIN)
+        self.val_dataset = self._encode_all(self.val_records, tokenizer, self.val_file or self.train_file or BUILTIN)
+
+    def _loader(self, dataset: list[dict[str, Any]], shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(self.resolve_tokenizer()),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_dataset:
+            return []
+        return self._loader(self.val_dataset, shuffle=False, batch_size=self.val_batch_size)
+
+
+def _builtin_records(kind: str, split: str, seed: int) -> list[Record]:
+    """Records of the built-in sentiment task: ``kind`` is ``sft``, ``prefs`` or ``prompts``."""
+    from ..tasks import DEFAULT_SIZES, SentimentTask
+
+    task = SentimentTask(seed=seed)
+    make = {"sft": task.sft_records, "prefs": task.preference_records, "prompts": task.prompt_records}[kind]
+    return make(DEFAULT_SIZES[f"{kind}_{split}"], split=split)
+
+
+class SFTDataModule(_JSONLDataModule):
+    """Demonstrations: prompt/completion, plain text or chat messages (mixed freely).
+
+    ``train_file=None`` trains on the built-in sentiment task's SFT split.
+    """
+
+    def read(self, path: str) -> list[Record]:
+        return read_sft(path)
+
+    def builtin_records(self, split: str) -> list[Record]:
+        return _builtin_records("sft", split, self.seed)
+
+    def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+        return encode_sft(record, tokenizer, self.max_length)
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> SFTCollator:
+        return SFTCollator(tokenizer.pad_token_id)
+
+
+class PreferenceDataModule(_JSONLDataModule):
+    """Preference pairs ``{"prompt", "chosen", "rejected"[, "margin"]}`` for the reward stage.
+
+    With the built-in task (or ``gold_labels=True`` on files it wrote), each pair also carries
+    the gold annotator's own verdict, so validation can report accuracy against it.
+    """
+
+    def __init__(self, *args: Any, padding_side: str = "right", gold_labels: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
+        self.gold_labels = gold_labels
+
+    def read(self, path: str) -> list[Record]:
+        return read_preferences(path)
+
+    def builtin_records(self, split: str) -> list[Record]:
+        return _builtin_records("prefs", split, self.seed)
+
+    def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+        pair = encode_preference(record, tokenizer, self.max_length)
+        if self.gold_labels if self.gold_labels is not None else self.train_file is None:
+            from ..tasks import gold_score
+
+            chosen = gold_score(record["prompt"], record["chosen"])
+            rejected = gold_score(record["prompt"], record["rejected"])
+            pair["gold_label"] = 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+        return pair
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> PreferenceCollator:
+        return PreferenceCollator(tokenizer.pad_token_id, self.padding_side)
+
+
+class PromptDataModule(_JSONLDataModule):
+    """Prompts ``{"prompt"}`` (text or chat messages) for PPO, left-padded for generation.
+
+    ``max_length`` bounds the prompt; batches carry ``index`` so the module can find the
+    record (for callable rewards that need the prompt text).
+    """
+
+    def read(self, path: str) -> list[Record]:
+        return read_prompts(path)
+
+    def builtin_records(self, split: str) -> list[Record]:
+        return _builtin_records("prompts", split, self.seed)
+
+    def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+        return {"prompt_ids": encode_prompt_record(record, tokenizer, self.max_length)}
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> PromptCollator:
+        return PromptCollator(tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        # Every PPO batch is full: a short last batch would change whitening statistics.
+        return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size, drop_last=True)

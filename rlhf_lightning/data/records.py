@@ -1,0 +1,170 @@
+"""Reading JSONL records and checking them, with errors that name file, line and field.
+
+Formats (one JSON object per line, UTF-8):
+
+* SFT: ``{"prompt", "completion"}``, ``{"text"}`` or ``{"messages": [{"role", "content"}, ...]}``
+* preferences: ``{"prompt", "chosen", "rejected"}`` with an optional numeric ``"margin"``
+* prompts: ``{"prompt": str}`` or ``{"messages": [...]}`` (rendered with the chat template)
+
+Extra fields are kept and ignored. A record is checked when it is read, so a bad line fails
+before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+SFT_KINDS = ("prompt/completion", "text", "messages")
+
+
+class DataFormatError(ValueError):
+    """A record does not have the shape its stage expects.
+
+    ``str(err)`` reads ``path:line: field 'name': what is wrong (hint)``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], line: int, field: str | None, message: str) -> None:
+        self.path, self.line, self.field = str(path), line, field
+        where = f"{self.path}:{line}" if line else self.path
+        what = f"field '{field}': {message}" if field else message
+        super().__init__(f"{where}: {what}")
+
+
+def read_jsonl(path: str | os.PathLike[str], check: Callable[[Record, str, int], Record]) -> list[Record]:
+    """Read every non-blank line of ``path`` as a JSON object and pass it through ``check``.
+
+    ``check(record, path, line)`` returns the (possibly normalised) record or raises
+    :class:`DataFormatError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, 0, None, "file does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataFormatError(path, line, None, f"bytes that are not UTF-8 ({err.reason})") from err
+    records = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(path, number, None, f"malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise DataFormatError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
+        records.append(check(record, str(path), number))
+    if not records:
+        raise DataFormatError(path, 0, None, "file holds no records")
+    return records
+
+
+def write_jsonl(path: str | os.PathLike[str], records: list[Record]) -> Path:
+    """Write ``records`` as JSONL, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    with staging.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    return path
+
+
+def _string(record: Record, field: str, path: str, line: int, allow_empty: bool = False) -> str:
+    if field not in record:
+        raise DataFormatError(path, line, field, "missing")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataFormatError(path, line, field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataFormatError(path, line, field, "empty string")
+    return value
+
+
+def _messages(record: Record, path: str, line: int, field: str = "messages") -> list[dict[str, str]]:
+    messages = record[field]
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(path, line, field, "expected a non-empty list of {role, content} objects")
+    for index, message in enumerate(messages):
+        where = f"{field}[{index}]"
+        if not isinstance(message, dict):
+            raise DataFormatError(path, line, where, "expected an object with 'role' and 'content'")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise DataFormatError(path, line, f"{where}.{key}", "missing or not a string")
+    return messages
+
+
+def sft_kind(record: Record) -> str:
+    """Which SFT shape a (checked) record has: one of :data:`SFT_KINDS`."""
+    if "messages" in record:
+        return "messages"
+    if "text" in record:
+        return "text"
+    return "prompt/completion"
+
+
+def check_sft(record: Record, path: str, line: int) -> Record:
+    if "messages" in record:
+        messages = _messages(record, path, line)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataFormatError(path, line, "messages", "no assistant turn to learn from")
+    elif "text" in record:
+        _string(record, "text", path, line)
+    elif "prompt" in record or "completion" in record:
+        _string(record, "prompt", path, line, allow_empty=True)
+        _string(record, "completion", path, line)
+    else:
+        raise DataFormatError(
+            path, line, None,
+            "not an SFT record: expected 'prompt'+'completion', 'text' or 'messages' "
+            f"(found fields: {', '.join(sorted(record)) or 'none'})",
+        )
+    return record
+
+
+def check_preference(record: Record, path: str, line: int) -> Record:
+    if "prompt" not in record and "chosen" not in record:
+        raise DataFormatError(
+            path, line, None,
+            "not a preference record: expected 'prompt', 'chosen', 'rejected' "
+            f"(found fields: {', '.join(sorted(record)) or 'none'})",
+        )
+    _string(record, "prompt", path, line, allow_empty=True)
+    _string(record, "chosen", path, line)
+    _string(record, "rejected", path, line)
+    margin = record.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise DataFormatError(path, line, "margin", f"expected a number, got {type(margin).__name__}")
+    return record
+
+
+def check_prompt(record: Record, path: str, line: int) -> Record:
+    if "messages" in record:
+        _messages(record, path, line)
+    elif "prompt" in record and isinstance(record["prompt"], list):
+        _messages(record, path, line, field="prompt")
+    else:
+        _string(record, "prompt", path, line)
+    return record
+
+
+def read_sft(path: str | os.PathLike[str]) -> list[Record]:
+    return read_jsonl(path, check_sft)
+
+
+def read_preferences(path: str | os.PathLike[str]) -> list[Record]:
+    return read_jsonl(path, check_preference)
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[Record]:
+    return read_jsonl(path, check_prompt)

@@ -1,0 +1,89 @@
+"""Sampling from a causal LM: the one generation routine of every stage.
+
+Used by SFT samples, the PPO rollout and the labelling tool, so that they all sample the same
+way: left-padded prompts, explicit sampling settings (the model's own ``generation_config``
+defaults, such as ``top_k=50``, never leak in), and responses cut after the first EOS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .data.encoding import attention_mask_for, encode_prompt, pad
+
+
+def sampling_config(
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> GenerationConfig:
+    """A complete :class:`GenerationConfig`: ``top_k=0`` and ``top_p=1.0`` sample the full
+    distribution at ``temperature``, which PPO needs for its log-probs to match."""
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample else None,
+        top_p=top_p if do_sample else None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
+@torch.no_grad()
+def generate_responses(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    config: GenerationConfig,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """Response ids ``(b, r)`` for left-padded ``prompt_ids`` ``(b, p)``.
+
+    After a row's first EOS the remaining positions hold the pad token. ``r`` is at most
+    ``config.max_new_tokens`` (shorter when every row stopped early).
+    """
+    sequences = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **generate_kwargs
+    )
+    return sequences[:, prompt_ids.shape[1] :]
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: torch.Tensor) -> list[str]:
+    """Texts of responses, without EOS or padding."""
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+def sample_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    seed: int | None = 0,
+    **sampling: Any,
+) -> list[str]:
+    """Sample one completion per prompt text; with ``seed`` the global RNG is left untouched."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    device = next(model.parameters()).device
+    prompt_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)
+    prompt_mask = attention_mask_for(ids, side="left").to(device)
+    config = sampling_config(tokenizer, max_new_tokens, **sampling)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            responses = generate_responses(model, prompt_ids, prompt_mask, config)
+    finally:
+        model.train(was_training)
+    return decode_responses(tokenizer, responses)

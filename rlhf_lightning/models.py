@@ -1,0 +1,246 @@
+"""Loading and saving the models and tokenizers of every stage.
+
+One place for the rules that every RLHF stage depends on:
+
+* a model is named by ``model_name_or_path``: a Hugging Face hub id, a local
+  ``save_pretrained`` folder, or a built-in preset (``preset:tiny-gpt2``) that needs no
+  download, so that the demo runs on a machine without hub access;
+* every tokenizer gets a pad token that is *not* EOS where the tokenizer allows it (with pad
+  == EOS, masking padding also masks EOS and the policy never learns to stop);
+* dropout is switched off (the standard for RLHF: log-probs recomputed during PPO must equal
+  the ones seen at rollout time);
+* Hugging Face folders are written atomically: to a temporary name, renamed when complete,
+  so that a crash never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    GPT2Config,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+PRESET_PREFIX = "preset:"
+PAD_TOKEN = "<|pad|>"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+# A chat template for the byte-level preset: role tags, EOS closing each assistant turn.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Built-in presets: a GPT-2 shape small enough to train on 2 CPU cores in minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-gpt2": dict(n_embd=128, n_layer=4, n_head=4, n_positions=256),
+    "micro-gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256),
+}
+
+# Config attributes that hold dropout probabilities in common architectures.
+DROPOUT_ATTRIBUTES = (
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "activation_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_first_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message names the path and a hint."""
+
+
+def is_preset(name_or_path: str) -> bool:
+    return name_or_path.startswith(PRESET_PREFIX)
+
+
+def _preset_name(name_or_path: str) -> str:
+    name = name_or_path[len(PRESET_PREFIX) :]
+    if name not in PRESETS:
+        raise ModelLoadError(
+            f"unknown preset '{name_or_path}'; choose one of "
+            + ", ".join(PRESET_PREFIX + p for p in PRESETS)
+        )
+    return name
+
+
+def byte_tokenizer() -> ByT5Tokenizer:
+    """The byte-level tokenizer of the presets: no download, 384 ids (256 bytes + specials)."""
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _check_local_folder(name_or_path: str) -> None:
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(
+            f"model folder '{name_or_path}' does not exist; "
+            "hint: run the previous stage first, or fix model_name_or_path"
+        )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has a pad token distinct from EOS.
+
+    Padding side is left to the caller: collators pad by hand, generation pads left.
+    """
+    if is_preset(name_or_path):
+        _preset_name(name_or_path)
+        tokenizer = byte_tokenizer()
+    else:
+        _check_local_folder(name_or_path)
+        folder = Path(name_or_path)
+        if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"model folder '{name_or_path}' has no tokenizer files; hint: save the tokenizer "
+                "next to the weights (tokenizer.save_pretrained(folder))"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"could not load a tokenizer from '{name_or_path}': {err}; "
+                "hint: a model folder needs the tokenizer files next to the weights "
+                "(save both with save_pretrained)"
+            ) from err
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give ``tokenizer`` a pad token that differs from EOS (adds ``<|pad|>`` if needed).
+
+    Adding a token grows the vocabulary: models loaded through :func:`load_causal_lm` and
+    friends resize their embeddings to match.
+    """
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(
+            f"tokenizer {type(tokenizer).__name__} has no EOS token; RLHF needs one to end "
+            "responses (set eos_token when saving the tokenizer)"
+        )
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def _no_dropout(config: Any) -> None:
+    for attribute in DROPOUT_ATTRIBUTES:
+        if isinstance(getattr(config, attribute, None), float):
+            setattr(config, attribute, 0.0)
+
+
+def _resize_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def preset_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
+    """The GPT-2 config of a built-in preset, sized to the tokenizer's vocabulary."""
+    shape = PRESETS[_preset_name(name_or_path)]
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+
+
+def _load(auto_class: Any, name_or_path: str, tokenizer: PreTrainedTokenizerBase, **config_kwargs: Any) -> PreTrainedModel:
+    if is_preset(name_or_path):
+        config = preset_config(name_or_path, tokenizer)
+        for key, value in config_kwargs.items():
+            setattr(config, key, value)
+        _no_dropout(config)
+        model = auto_class.from_config(config)
+    else:
+        _check_local_folder(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load a model config from '{name_or_path}': {err}") from err
+        _no_dropout(config)
+        model = auto_class.from_pretrained(name_or_path, config=config)
+    _resize_to_tokenizer(model, tokenizer)
+    return model
+
+
+def load_causal_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A causal LM (policy, reference, SFT backbone) with dropout off, sized to ``tokenizer``."""
+    return _load(AutoModelForCausalLM, name_or_path, tokenizer)
+
+
+def load_sequence_scorer(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A transformer with a scalar head (``num_labels=1``): reward model or critic.
+
+    From a causal-LM folder the head is new (initialised by transformers); from a reward-model
+    folder it is the trained one.
+    """
+    return _load(AutoModelForSequenceClassification, name_or_path, tokenizer, num_labels=1)
+
+
+def save_hf_folder(
+    path: str | os.PathLike[str],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` and ``tokenizer`` with ``save_pretrained``, atomically.
+
+    The folder is written under a temporary sibling name and renamed into place once complete;
+    an existing folder at ``path`` is replaced only then. A crash midway leaves at most a
+    ``.tmp-*`` sibling, never a folder that looks finished.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(staging, state_dict=state_dict)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            retired = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def is_complete_hf_folder(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a config, weights and a tokenizer (what a later stage needs)."""
+    folder = Path(path)
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    has_tokenizer = (folder / "tokenizer_config.json").exists()
+    return folder.is_dir() and (folder / "config.json").exists() and has_weights and has_tokenizer

@@ -1,0 +1,152 @@
+"""Stage 1: supervised fine-tuning of a causal LM on demonstrations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data.encoding import IGNORE_INDEX
+from ..generation import sample_texts
+from ..models import load_causal_lm, load_tokenizer
+from .export import export_at_fit_end
+from ..optim import adamw, warmup_schedule
+from ..text_logging import log_text_samples
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not ``IGNORE_INDEX``.
+
+    ``logits`` ``(b, t, v)`` predict ``labels`` ``(b, t)`` shifted by one: position ``i``
+    predicts token ``i + 1``.
+    """
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+class SFTModule(LightningModule):
+    """Fine-tunes ``model_name_or_path`` on demonstrations and exports a Hugging Face folder.
+
+    The loss covers completion tokens only (prompt tokens and non-assistant chat turns carry
+    label -100; see :mod:`rlhf_lightning.data.encoding`). At the end of fit the model and
+    tokenizer are written with ``save_pretrained`` to ``export_dir``, which is what the
+    reward-model and PPO stages load.
+
+    Args:
+        model_name_or_path: hub id, local folder or ``preset:tiny-gpt2``.
+        learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
+        lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
+        gradient_checkpointing: trade compute for memory on large models.
+        export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
+        sample_prompts: prompts to sample from at each validation (logged to TensorBoard);
+            None takes the first ``num_samples`` prompts of the validation data.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "preset:tiny-gpt2",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        lr_scheduler: str = "cosine",
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = "outputs/sft/model",
+        sample_prompts: list[str] | None = None,
+        num_samples: int = 4,
+        sample_max_new_tokens: int = 64,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.model: PreTrainedModel | None = None
+        self.val_loss = MeanMetric()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """Loaded on first use, so that building the module from a config stays cheap."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.train_accuracy = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_accuracy = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        return causal_lm_loss(logits, labels), logits[:, :-1], labels[:, 1:]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, targets = self._step(batch)
+        self.train_accuracy(logits.argmax(-1), targets)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/token_accuracy", self.train_accuracy, batch_size=batch_size)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, targets = self._step(batch)
+        n_tokens = (targets != IGNORE_INDEX).sum()
+        self.val_loss.update(loss, weight=n_tokens)
+        self.val_accuracy.update(logits.argmax(-1), targets)
+        self.val_perplexity.update(logits.float(), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/token_accuracy", self.val_accuracy.compute())
+        self.log("val/perplexity", self.val_perplexity.compute())
+        for metric in (self.val_loss, self.val_accuracy, self.val_perplexity):
+            metric.reset()
+        if not self.trainer.sanity_checking:
+            self.log_samples()
+
+    def sample_prompts(self) -> list[str]:
+        """Prompts for the samples logged each validation."""
+        if self.hparams.sample_prompts:
+            return list(self.hparams.sample_prompts)
+        records = getattr(self.trainer.datamodule, "val_records", None) or []
+        prompts = [r["prompt"] for r in records if isinstance(r.get("prompt"), str)]
+        return prompts[: self.hparams.num_samples]
+
+    def log_samples(self) -> None:
+        prompts = self.sample_prompts()
+        if not prompts or not self.trainer.is_global_zero:
+            return
+        completions = sample_texts(self.model, self.tokenizer, prompts, self.hparams.sample_max_new_tokens)
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+        log_text_samples(self.trainer, "samples/sft", rows)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = adamw(
+            self.model.named_parameters(), self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.adam_betas
+        )
+        scheduler = warmup_schedule(
+            optimizer, self.hparams.lr_scheduler, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer)

@@ -1,0 +1,371 @@
+"""PPO math for RLHF as pure functions on tensors (torch + stdlib only).
+
+Shapes: ``b`` = batch of responses, ``t`` = response length, ``v`` = vocabulary size.
+``mask`` arguments are bool or float (b, t) tensors: nonzero = real response token, 0 = padding.
+Masked reductions ignore padding entirely (it may hold anything, even inf/nan, without changing
+a result or a gradient) and per-token outputs are 0 at padding. Response masks are expected
+to be prefixes: real tokens, then padding.
+
+References:
+  [PPO] Schulman et al. 2017, "Proximal Policy Optimization Algorithms".
+  [GAE] Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE".
+  [Z19] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences".
+  [N]   Huang et al., "The N Implementation Details of RLHF with PPO".
+  [KL]  Schulman 2020, "Approximating KL Divergence" (k1 / k2 / k3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+DEFAULT_CHUNK_SIZE = 1024  # (batch, time) rows of logits upcast to float32 at once
+
+
+# ---------------------------------------------------------------------------------- logits
+def _chunks(b: int, t: int, chunk_size: int | None) -> Iterator[tuple[slice, slice]]:
+    """(batch, time) slices covering (b, t), each with at most ``chunk_size`` rows."""
+    rows = chunk_size or DEFAULT_CHUNK_SIZE
+    if rows < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    tc = max(1, min(t, rows))  # whole sequences per chunk when they fit
+    bc = max(1, rows // tc)
+    for i in range(0, b, bc):
+        for j in range(0, t, tc):
+            yield slice(i, i + bc), slice(j, j + tc)
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """A chunk upcast to (at least) float32 and divided by the sampling temperature."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return z if temperature == 1.0 else z / temperature
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log softmax(logits / T)[token], one chunk of rows at a time in both directions.
+
+    Only the (b, t) logsumexp is saved and backward recomputes softmax per chunk, so no float32
+    (b, t, v) tensor ever exists (plain autograd through a chunk loop would keep every chunk).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float,
+                chunk_size: int | None) -> Tensor:
+        b, t = tokens.shape
+        out = logits.new_empty((b, t), dtype=torch.promote_types(logits.dtype, torch.float32))
+        lse = torch.empty_like(out)
+        for sl in _chunks(b, t, chunk_size):
+            z = _scaled(logits[sl], temperature)
+            lse[sl] = torch.logsumexp(z, dim=-1)
+            out[sl] = z.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1) - lse[sl]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for sl in _chunks(*tokens.shape, ctx.chunk_size):
+            # d logp / d z = onehot(token) - softmax(z), and d z / d logits = 1 / T
+            g = torch.exp(_scaled(logits[sl], ctx.temperature) - lse[sl].unsqueeze(-1)).neg_()
+            idx = tokens[sl].unsqueeze(-1)
+            g.scatter_add_(-1, idx, torch.ones_like(idx, dtype=g.dtype))
+            grad[sl] = g.mul_((grad_out[sl] / ctx.temperature).unsqueeze(-1))
+        return grad, None, None, None
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
+                         chunk_size: int | None = None) -> Tensor:
+    """Log-probability of ``tokens`` under softmax(logits / temperature).
+
+    Args:
+        logits: (b, t, v), any float dtype; may be a non-contiguous view such as a slice.
+        tokens: (b, t) int64, valid vocabulary ids everywhere (mask padding afterwards).
+        temperature: the sampling temperature; use the same value at rollout and in training,
+            otherwise the PPO ratio is not 1 on the first step [N].
+        chunk_size: at most this many (batch, time) rows are upcast at once (default 1024).
+    Returns:
+        (b, t) float32 (float64 for float64 logits): ``gathered_logit - logsumexp(logits)``.
+        Differentiable w.r.t. ``logits``; the gradient has the logits' dtype.
+    """
+    return _ChunkedLogprobs.apply(logits, tokens, temperature, chunk_size)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0,
+                        chunk_size: int | None = None) -> Tensor:
+    """Entropy of softmax(logits / temperature) = ``logsumexp(z) - sum(softmax(z) * z)``.
+
+    Args: logits (b, t, v); temperature and chunk_size as in :func:`logprobs_from_logits`.
+    Returns: (b, t) float32. Meant for logging under ``torch.no_grad()``: with grad enabled,
+    autograd keeps every float32 chunk alive for the backward pass.
+    """
+    b, t, _ = logits.shape
+    out = logits.new_empty((b, t), dtype=torch.promote_types(logits.dtype, torch.float32))
+    for sl in _chunks(b, t, chunk_size):
+        z = _scaled(logits[sl], temperature)
+        out[sl] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------- masked stats
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is nonzero (over ``dim``, or all entries)."""
+    x = torch.where(mask.bool(), values, 0.0)
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean over the masked entries (over ``dim``, or all). An empty mask gives 0, not nan."""
+    count = mask.bool().sum() if dim is None else mask.bool().sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """0-dim variance over all masked entries; 0 when there are too few of them."""
+    mask = mask.bool()
+    n = mask.sum()
+    centered = values - masked_mean(values, mask)
+    return masked_sum(centered.square(), mask) / (n - 1 if unbiased else n).clamp(min=1)
+
+
+def _sum_over_ranks(x: Tensor, all_reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+    out = None if all_reduce is None else all_reduce(x)
+    return x if out is None else out  # None: no reduce, or torch.distributed's in-place one
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
+                  all_reduce: Callable[[Tensor], Tensor] | None = None,
+                  eps: float = 1e-8) -> Tensor:
+    """Normalise (b, t) ``values`` to mean 0, unbiased variance 1 over the masked entries.
+
+    Args:
+        shift_mean: if False the mean is added back (rescale only).
+        all_reduce: sums a tensor over all DDP ranks, returning the sum (e.g. ``lambda x:
+            strategy.reduce(x, reduce_op="sum")``) or in place (``torch.distributed.all_reduce``).
+            When given, the statistics cover the masked entries of every rank. It is called
+            exactly twice on every rank: on (sum, count), then on the sum of squared deviations
+            from the global mean (two passes avoid sum-of-squares cancellation).
+    Returns:
+        (b, t), 0 at masked positions.
+    """
+    mask = mask.bool()
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    x = torch.where(mask, values, 0.0).to(dtype)
+    sums = _sum_over_ranks(torch.stack([x.sum(), mask.sum().to(dtype)]), all_reduce)
+    mean = sums[0] / sums[1].clamp(min=1)
+    sq_dev = _sum_over_ranks(torch.where(mask, (x - mean).square(), 0.0).sum(), all_reduce)
+    whitened = (x - mean) * torch.rsqrt(sq_dev / (sums[1] - 1).clamp(min=1) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0).to(values.dtype)
+
+
+# ------------------------------------------------------------------------------- sequences
+def first_eos_mask(response_tokens: Tensor, eos_token_id: int,
+                   pad_token_id: int | None = None) -> Tensor:
+    """(b, t) bool: True up to and including the first EOS, False after it.
+
+    With ``pad_token_id`` (if it differs from EOS) a response also ends just before its first
+    pad token. The result is always a prefix mask.
+    """
+    is_eos = response_tokens == eos_token_id
+    keep = torch.cumsum(is_eos, dim=-1) - is_eos.long() == 0  # no EOS strictly before
+    if pad_token_id is not None and pad_token_id != eos_token_id:
+        keep &= torch.cumsum(response_tokens == pad_token_id, dim=-1) == 0
+    return keep
+
+
+def has_eos(response_tokens: Tensor, eos_token_id: int) -> Tensor:
+    """(b,) bool: whether each (b, t) response contains ``eos_token_id``."""
+    return (response_tokens == eos_token_id).any(dim=-1)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(b,) int64 index of the last nonzero entry of each (b, t) row; 0 for an empty row."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask.bool(), positions, -1).amax(-1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------- rewards
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """(b, t) per-token estimates of KL(pi || pi_ref) from tokens sampled from pi [KL].
+
+    With ``log_ratio = logprobs - ref_logprobs`` and ``r = exp(-log_ratio)``:
+    k1 = log_ratio (unbiased, can be < 0); k2 = 0.5 * log_ratio^2 (biased, >= 0);
+    k3 = (r - 1) - log r (unbiased, >= 0).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, accurate near r = 1
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def shape_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                  kl_coef: float, estimator: str = "k1") -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token rewards of [Z19]: ``-kl_coef * kl_t`` at every real token, + score at the end.
+
+    Args:
+        scores: (b,) reward-model scores, added at the last real token of each row.
+        logprobs, ref_logprobs, mask: (b, t) from the rollout policy and the reference model.
+    Returns:
+        rewards, kl, non_score_reward: each (b, t), 0 at masked positions.
+    """
+    mask = mask.bool()
+    kl = kl_penalty(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0),
+                    estimator)
+    kl = torch.where(mask, kl, 0.0)
+    non_score_reward = -kl_coef * kl
+    last = last_token_index(mask).unsqueeze(-1)
+    rewards = non_score_reward.scatter_add(-1, last, scores.to(kl.dtype).unsqueeze(-1))
+    return torch.where(mask, rewards, 0.0), kl, non_score_reward
+
+
+def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: float | None,
+                              mode: str = "replace") -> Tensor:
+    """Penalise the (b,) ``scores`` of responses without EOS (``contains_eos``: (b,) bool) [N].
+
+    "replace": score = penalty; "subtract": score - penalty; ``penalty=None``: unchanged.
+    Returns a new tensor (``scores`` itself when unchanged).
+    """
+    if mode not in ("replace", "subtract"):
+        raise ValueError(f"unknown missing-EOS penalty mode {mode!r}; "
+                         "expected 'replace' or 'subtract'")
+    if penalty is None:
+        return scores
+    penalised = torch.full_like(scores, penalty) if mode == "replace" else scores - penalty
+    return torch.where(contains_eos.bool(), scores, penalised)
+
+
+# ---------------------------------------------------------------------------------- losses
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation [GAE], backwards over time.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``; ``A_t = delta_t + gamma * lam * A_{t+1}``; the
+    value and advantage after the last real token are 0 (the episode ends there).
+    Args: rewards, values, mask: (b, t).
+    Returns: advantages, returns = advantages + values; each (b, t), 0 at masked positions.
+    """
+    mask = mask.bool()
+    values = torch.where(mask, values, 0.0)
+    rewards = torch.where(mask, rewards.to(values.dtype), 0.0)
+    next_value = next_adv = torch.zeros_like(values[..., 0])
+    advantages = []
+    for i in reversed(range(values.shape[-1])):
+        delta = rewards[..., i] + gamma * next_value - values[..., i]
+        next_adv = torch.where(mask[..., i], delta + gamma * lam * next_adv, 0.0)
+        next_value = values[..., i]
+        advantages.append(next_adv)
+    adv = torch.stack(advantages[::-1], dim=-1)
+    return adv, adv + values
+
+
+@dataclass
+class PolicyLossStats:
+    """0-dim detached tensors, all masked means over real tokens."""
+
+    clipfrac: Tensor  # fraction of tokens where the clipped term is the (strictly) larger
+    approxkl: Tensor  # 0.5 * mean((logp - old_logp)^2), as TRL
+    ratio_mean: Tensor
+    ratio_var: Tensor  # population (biased) variance
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                cliprange: float = 0.2) -> tuple[Tensor, PolicyLossStats]:
+    """PPO clipped surrogate [PPO]: masked mean of max(-A * r, -A * clip(r, 1 - eps, 1 + eps)).
+
+    Args: logprobs (b, t), with grad; old_logprobs, advantages, mask (b, t) from the rollout.
+    Returns: 0-dim loss and :class:`PolicyLossStats`.
+    """
+    mask = mask.bool()
+    adv = torch.where(mask, advantages, 0.0)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    pg_losses = -adv * ratio
+    pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            clipfrac=masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+            approxkl=0.5 * masked_mean(log_ratio.square(), mask),
+            ratio_mean=masked_mean(ratio, mask),
+            ratio_var=masked_var(ratio, mask, unbiased=False),
+        )
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               cliprange_value: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Clipped value loss: 0.5 * masked_mean(max((V - R)^2, (clip(V, V_old +- eps) - R)^2)).
+
+    Args: values (b, t), with grad; old_values, returns, mask (b, t) from the rollout.
+    Returns: 0-dim loss and 0-dim clipfrac (fraction where the clipped term is larger).
+    """
+    mask = mask.bool()
+    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses = (values - returns).square()
+    vf_losses_clipped = (clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), mask)
+    clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask).detach()
+    return loss, clipfrac
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """0-dim ``1 - var(returns - values) / var(returns)`` over the masked entries.
+
+    1 = perfect value predictions, <= 0 = no better than a constant; nan if var(returns) = 0.
+    """
+    var_returns = masked_var(returns, mask)
+    ev = 1.0 - masked_var(returns - values, mask) / var_returns
+    return torch.where(var_returns == 0, float("nan"), ev)
+
+
+# -------------------------------------------------------------------------- KL controllers
+class KLController:
+    """Holds the KL coefficient ``value``; subclasses change it in :meth:`update`."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Called once per rollout batch; a no-op here."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.value = float(state_dict["value"])
+
+
+class FixedKLController(KLController):
+    """Constant KL coefficient ``value = kl_coef``."""
+
+
+class AdaptiveKLController(KLController):
+    """Adaptive KL coefficient of [Z19] (section 2.2), steering the KL towards ``target``.
+
+    ``e = clip(current_kl / target - 1, -0.2, 0.2)``; ``value *= 1 + e * n_steps / horizon``.
+    Only ``value`` is state; ``target`` and ``horizon`` are hyperparameters.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        super().__init__(init_kl_coef)
+        self.target, self.horizon = float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """current_kl: mean per-sequence KL (summed over tokens) of the rollout batch;
+        n_steps: number of sequences (episodes) in that batch."""
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon

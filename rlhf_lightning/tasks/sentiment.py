@@ -1,0 +1,347 @@
+"""A tiny "write a positive movie review" world with a programmatic gold annotator.
+
+This is the classic RLHF sentiment demo, shrunk so that a byte-level tiny GPT-2 can learn to
+write it fluently in a couple of CPU minutes:
+
+* **Prompts** are review openers ending in a copula ("Review: The movie was"); a completion
+  continues the prompt with a leading space.
+* **Completions** come from a small grammar (see :func:`is_fluent`)::
+
+      completion := " " FIRST "." [" " SECOND "."]
+      FIRST      := ADJP [("and" | "but") ADJP]
+      SECOND     := "The" NOUN "was" ADJP  |  "I" VERB "the" NOUN
+      ADJP       := [ADVERB] ADJECTIVE
+
+  and no lexicon word (adjective, adverb, noun, verb) may occur twice. The generator and the
+  parser are both built from the word lists below, so they cannot drift apart.
+* The **SFT corpus is balanced** over positive / neutral / negative / mixed completions: the
+  supervised model is not pre-tilted toward what the annotator likes; that is RLHF's job.
+* :func:`gold_score` stands in for human raters: mostly sentiment, but non-fluent, repetitive,
+  truncated and empty text always scores below every fluent completion, which is exactly what
+  a weak reward model tends to over-rate.
+* Preference labels are drawn from a Bradley-Terry model on the gold score, so they are noisy
+  the way human labels are; :func:`label_agreement` measures the resulting ceiling.
+
+Standard library only; everything is deterministic given a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..data.records import write_jsonl
+
+PROMPTS: tuple[str, ...] = (
+    "Review: The movie was",
+    "Review: I watched this film and it was",
+    "Review: Honestly, the film was",
+    "Review: The story was",
+    "Review: This movie is",
+    "Review: My friends said the film was",
+    "Review: Overall the movie was",
+    "Review: I think this film is",
+    "Review: The new movie was",
+    "Review: Last night the film was",
+)
+
+# Word lists: ten adjectives per sentiment class, three verbs per class, neutral nouns/adverbs.
+POSITIVE_ADJECTIVES = ("great", "good", "wonderful", "fun", "brilliant", "lovely", "excellent", "beautiful", "charming", "superb")
+NEUTRAL_ADJECTIVES = ("okay", "fine", "average", "long", "simple", "ordinary", "plain", "quiet", "short", "typical")
+NEGATIVE_ADJECTIVES = ("bad", "boring", "awful", "dull", "terrible", "weak", "poor", "messy", "silly", "painful")
+POSITIVE_VERBS = ("loved", "liked", "enjoyed")
+NEUTRAL_VERBS = ("noticed", "remembered", "followed")
+NEGATIVE_VERBS = ("hated", "disliked", "resented")
+ADVERBS = ("really", "very", "quite", "so", "truly", "rather")
+NOUNS = ("acting", "plot", "ending", "music", "cast", "dialogue", "script", "pacing", "soundtrack", "humor")
+
+_ADJECTIVES = {1: POSITIVE_ADJECTIVES, 0: NEUTRAL_ADJECTIVES, -1: NEGATIVE_ADJECTIVES}
+_VERBS = {1: POSITIVE_VERBS, 0: NEUTRAL_VERBS, -1: NEGATIVE_VERBS}
+ADJECTIVES = POSITIVE_ADJECTIVES + NEUTRAL_ADJECTIVES + NEGATIVE_ADJECTIVES
+VERBS = POSITIVE_VERBS + NEUTRAL_VERBS + NEGATIVE_VERBS
+#: Valence of every sentiment-bearing word (adjectives and verbs); other words carry none.
+VALENCE: dict[str, int] = {w: v for table in (_ADJECTIVES, _VERBS) for v, words in table.items() for w in words}
+#: Words that may appear at most once in a fluent completion.
+LEXICON: frozenset[str] = frozenset(VALENCE) | frozenset(ADVERBS) | frozenset(NOUNS)
+
+SENTIMENTS = ("positive", "neutral", "negative", "mixed")
+MIN_COMPLETION_CHARS = 20  # shorter fluent text counts as "very short" for the annotator
+MAX_COMPLETION_CHARS = 80
+MAX_TEXT_BYTES = 120  # prompt + completion is always strictly shorter, in UTF-8 bytes
+#: Bradley-Terry temperature giving ~82-83% agreement between gold and its own noisy labels.
+DEFAULT_NOISE_TEMPERATURE = 0.4
+DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shuffled")
+DEFAULT_SIZES: dict[str, int] = {
+    "sft_train": 4000, "sft_val": 200,
+    "prefs_train": 4000, "prefs_val": 500,
+    "prompts_train": 2000, "prompts_val": 200,
+}
+
+
+def _alt(words: Sequence[str]) -> str:
+    return "(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+
+_ADJP = rf"(?:{_alt(ADVERBS)} )?{_alt(ADJECTIVES)}"
+_FIRST = rf"{_ADJP}(?: (?:and|but) {_ADJP})?"
+_SECOND = rf"(?:The {_alt(NOUNS)} was {_ADJP}|I {_alt(VERBS)} the {_alt(NOUNS)})"
+_GRAMMAR = re.compile(rf" {_FIRST}\.(?: {_SECOND}\.)?")
+_WORD = re.compile(r"[A-Za-z]+")
+_LONGEST_PROMPT = max(len(p.encode("utf-8")) for p in PROMPTS)
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def is_fluent(completion: str) -> bool:
+    """True iff ``completion`` parses under the grammar in the module docstring.
+
+    The completion must start with exactly one space (it continues the prompt) and use only
+    the task's words, each lexicon word at most once. Trailing whitespace (e.g. a newline left
+    by decoding) is ignored; anything else after the final period makes it non-fluent.
+    """
+    text = completion.rstrip()
+    if _GRAMMAR.fullmatch(text) is None:
+        return False
+    lexical = [w for w in _words(text) if w in LEXICON]
+    return len(lexical) == len(set(lexical))
+
+
+def sentiment_label(completion: str) -> str:
+    """Classify by the words used: "mixed" if it has positive and negative words, else by sign."""
+    valences = {VALENCE[w] for w in _words(completion) if w in VALENCE}
+    if {1, -1} <= valences:
+        return "mixed"
+    return "positive" if 1 in valences else "negative" if -1 in valences else "neutral"
+
+
+def gold_score(prompt: str, completion: str) -> float:
+    """The gold annotator: higher is better, range [-2, 1].
+
+    Tiers, each strictly below the previous one:
+
+    * fluent (and at least ``MIN_COMPLETION_CHARS`` long): ``0.8 * mean + 0.2 * amount``, in
+      [-1, 1], where ``mean`` is the mean valence (+1 / 0 / -1) of the sentiment words and
+      ``amount`` their sum with adverb-intensified words counting 1.5, over 3, clipped to
+      [-1, 1]: raters like more, and more emphatic, praise; this also breaks many ties;
+    * fluent but very short: in [-1.35, -1.05];
+    * non-fluent (off-grammar, repeated words or sentences, shuffled, truncated): in [-2, -1.5],
+      lower the more repetitive;
+    * no words at all: -2.
+
+    The prompt does not enter the score (every opener ends in a copula); it is accepted so the
+    signature matches what a human rater would see.
+    """
+    del prompt
+    words = _words(completion)
+    if not words:
+        return -2.0
+    valences = [VALENCE[w] for w in words if w in VALENCE]
+    mean = sum(valences) / len(valences) if valences else 0.0
+    if not is_fluent(completion):
+        repeated = 1.0 - len(set(words)) / len(words)
+        score = -1.6 + 0.1 * mean - 0.3 * repeated
+    elif len(completion.rstrip()) < MIN_COMPLETION_CHARS:
+        score = -1.2 + 0.15 * mean
+    else:
+        amount = sum(VALENCE.get(w, 0) * (1.5 if prev in ADVERBS else 1.0) for prev, w in zip(["", *words], words))
+        score = 0.8 * mean + 0.2 * max(-1.0, min(1.0, amount / 3))
+    return round(score, 6)  # equal in exact arithmetic -> an exact tie, not a float-noise win
+
+
+def _sample_valences(rng: random.Random, sentiment: str, slots: int) -> list[int]:
+    """Valence per sentiment slot so that the completion's label is ``sentiment``."""
+    while True:
+        if sentiment == "neutral":
+            return [0] * slots
+        if sentiment == "mixed":
+            out = rng.choices((1, -1, 0), weights=(0.4, 0.4, 0.2), k=slots)
+            if {1, -1} <= set(out):
+                return out
+            continue
+        sign = 1 if sentiment == "positive" else -1
+        out = [sign if rng.random() < 0.7 else 0 for _ in range(slots)]
+        if sign in out:
+            return out
+
+
+def sample_completion(rng: random.Random, sentiment: str | None = None) -> str:
+    """One fluent completion from the grammar; ``sentiment`` defaults to a uniform class."""
+    sentiment = sentiment or rng.choice(SENTIMENTS)
+    if sentiment not in SENTIMENTS:
+        raise ValueError(f"sentiment must be one of {SENTIMENTS}, got {sentiment!r}")
+    while True:
+        form = rng.choice(("two_adjectives", "adjective_sentence", "two_adjectives_sentence"))
+        slots = 3 if form == "two_adjectives_sentence" else 2
+        valences = _sample_valences(rng, sentiment, slots)
+        adverbs = list(ADVERBS)
+        rng.shuffle(adverbs)
+        used: set[str] = set()
+
+        def pick(pool: Sequence[str]) -> str:
+            word = rng.choice([w for w in pool if w not in used])
+            used.add(word)
+            return word
+
+        def adjp(valence: int) -> str:
+            adjective = pick(_ADJECTIVES[valence])
+            return f"{adverbs.pop()} {adjective}" if rng.random() < 0.35 else adjective
+
+        first = adjp(valences[0])
+        if form != "adjective_sentence":
+            conj = "but" if valences[0] * valences[1] < 0 else "and"
+            first += f" {conj} {adjp(valences[1])}"
+        text = f" {first}."
+        if form != "two_adjectives":
+            valence = valences[-1]
+            if rng.random() < 0.5:
+                text += f" The {pick(NOUNS)} was {adjp(valence)}."
+            else:
+                text += f" I {pick(_VERBS[valence])} the {pick(NOUNS)}."
+        if MIN_COMPLETION_CHARS <= len(text) <= MAX_COMPLETION_CHARS and _LONGEST_PROMPT + len(text.encode("utf-8")) < MAX_TEXT_BYTES:
+            return text
+
+
+def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
+    """A non-fluent completion of the kind weak reward models over-rate (see ``DEGENERATE_KINDS``)."""
+    kind = kind or rng.choice(DEGENERATE_KINDS)
+    while True:
+        base = sample_completion(rng)
+        if kind == "repeat_word":  # the classic hack: "great great great great."
+            word = rng.choice(POSITIVE_ADJECTIVES if rng.random() < 0.5 else sorted(LEXICON))
+            text = " " + " ".join([word] * rng.randint(3, 7)) + "."
+        elif kind == "repeat_sentence":
+            sentence = base.split(". ")[-1].strip().rstrip(".")
+            text = " " + ". ".join([sentence] * rng.randint(2, 3)) + "."
+        elif kind == "truncated":  # cut strictly inside a word of three or more letters
+            spans = [m.span() for m in _WORD.finditer(base) if m.end() - m.start() >= 3]
+            start, end = rng.choice(spans)
+            text = base[: rng.randint(start + 1, end - 1)]
+        elif kind == "empty":
+            text = rng.choice(("", " ", " .", " the", " and.", " was."))
+        elif kind == "shuffled":
+            words = base.replace(".", "").split()
+            rng.shuffle(words)
+            text = " " + " ".join(words) + "."
+        else:
+            raise ValueError(f"kind must be one of {DEGENERATE_KINDS}, got {kind!r}")
+        if not is_fluent(text) and len(text) <= MAX_COMPLETION_CHARS:
+            return text
+
+
+def preference_probability(prompt: str, a: str, b: str, noise_temperature: float) -> float:
+    """Bradley-Terry probability that a rater prefers ``a`` over ``b``."""
+    z = (gold_score(prompt, a) - gold_score(prompt, b)) / noise_temperature
+    if z >= 0:  # the two branches keep exp() from overflowing at small temperatures
+        return 1.0 / (1.0 + math.exp(-z))
+    return math.exp(z) / (1.0 + math.exp(z))
+
+
+def _compare(prompt: str, a: str, b: str) -> float:
+    """1 if gold prefers ``a``, 0 if ``b``, 0.5 on a tie."""
+    sa, sb = gold_score(prompt, a), gold_score(prompt, b)
+    return 1.0 if sa > sb else 0.0 if sa < sb else 0.5
+
+
+def label_agreement(records: Sequence[dict]) -> float:
+    """Share of preference records whose "chosen" gold-scores above "rejected" (ties count 0.5).
+
+    On noisy labels this is the accuracy ceiling a reward model can reach against those labels.
+    """
+    if not records:
+        raise ValueError("label_agreement needs at least one record")
+    return sum(_compare(r["prompt"], r["chosen"], r["rejected"]) for r in records) / len(records)
+
+
+def gold_win_rate(prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str]) -> float:
+    """Share of prompts where gold prefers ``completions_a[i]`` over ``completions_b[i]`` (ties 0.5)."""
+    if not (len(prompts) == len(completions_a) == len(completions_b)) or not prompts:
+        raise ValueError("gold_win_rate needs equally long, non-empty sequences")
+    return sum(map(_compare, prompts, completions_a, completions_b)) / len(prompts)
+
+
+def fluency_rate(completions: Sequence[str]) -> float:
+    """Share of completions that parse under the grammar (see :func:`is_fluent`)."""
+    if not completions:
+        raise ValueError("fluency_rate needs at least one completion")
+    return sum(map(is_fluent, completions)) / len(completions)
+
+class SentimentTask:
+    """Deterministic data for SFT, reward modelling and PPO on the sentiment world.
+
+    Each (record kind, split) pair draws from its own ``random.Random`` seeded from
+    ``seed``, the kind and the split, so "val" data differs from "train" data and adding
+    records of one kind never changes another kind's records. Prompts are the same ten
+    openers in every split; held-out prompt files differ in their draws, not their openers.
+    """
+
+    def __init__(self, seed: int = 0, noise_temperature: float = DEFAULT_NOISE_TEMPERATURE, degenerate_share: float = 0.2) -> None:
+        if noise_temperature <= 0:
+            raise ValueError(f"noise_temperature must be > 0, got {noise_temperature}")
+        if not 0.0 <= degenerate_share <= 1.0:
+            raise ValueError(f"degenerate_share must be in [0, 1], got {degenerate_share}")
+        self.seed = seed
+        self.noise_temperature = noise_temperature
+        self.degenerate_share = degenerate_share
+
+    def _rng(self, kind: str, split: str) -> random.Random:
+        # String seeds are hashed with SHA-512 by `random`, stable across runs and platforms.
+        return random.Random(f"rlhf-lightning/sentiment/{self.seed}/{kind}/{split}")
+
+    def sft_records(self, n: int, split: str = "train") -> list[dict]:
+        """``n`` records ``{"prompt", "completion"}`` with sentiment classes drawn uniformly."""
+        rng = self._rng("sft", split)
+        return [{"prompt": rng.choice(PROMPTS), "completion": sample_completion(rng)} for _ in range(n)]
+
+    def preference_records(self, n: int, split: str = "train") -> list[dict]:
+        """``n`` records ``{"prompt", "chosen", "rejected"}`` with Bradley-Terry label noise.
+
+        Each candidate is degenerate with probability ``degenerate_share``, else a grammar
+        completion as in SFT; the two candidates of a record always differ.
+        """
+        rng = self._rng("prefs", split)
+
+        def candidate() -> str:
+            return degenerate_completion(rng) if rng.random() < self.degenerate_share else sample_completion(rng)
+
+        records = []
+        for _ in range(n):
+            prompt, a = rng.choice(PROMPTS), candidate()
+            b = candidate()
+            while b == a:
+                b = candidate()
+            if rng.random() >= preference_probability(prompt, a, b, self.noise_temperature):
+                a, b = b, a
+            records.append({"prompt": prompt, "chosen": a, "rejected": b})
+        return records
+
+    def prompt_records(self, n: int, split: str = "train") -> list[dict]:
+        """``n`` records ``{"prompt"}`` for PPO rollouts and evaluation."""
+        rng = self._rng("prompts", split)
+        return [{"prompt": rng.choice(PROMPTS)} for _ in range(n)]
+
+    def write_files(self, out_dir: str | os.PathLike[str], sizes: dict[str, int] | None = None) -> dict[str, Path]:
+        """Write the six JSONL files of :data:`DEFAULT_SIZES` (overridable per key) atomically.
+
+        Returns ``{"sft_train": Path(out_dir, "sft_train.jsonl"), ...}``.
+        """
+        unknown = set(sizes or {}) - set(DEFAULT_SIZES)
+        if unknown:
+            raise ValueError(f"unknown size keys {sorted(unknown)}; expected some of {sorted(DEFAULT_SIZES)}")
+        sizes = {**DEFAULT_SIZES, **(sizes or {})}
+        makers = {"sft": self.sft_records, "prefs": self.preference_records, "prompts": self.prompt_records}
+        paths = {}
+        for name, n in sizes.items():
+            kind, split = name.split("_")
+            paths[name] = write_jsonl(Path(out_dir) / f"{name}.jsonl", makers[kind](n, split))
+        return paths
+
+
+def write_task_files(out_dir: str | os.PathLike[str], seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
+    """Shortcut for ``SentimentTask(seed).write_files(out_dir, sizes)``."""
+    return SentimentTask(seed).write_files(out_dir, sizes)

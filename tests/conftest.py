@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models and tokenizers saved to tmp folders, never downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rlhf_lightning.models import byte_tokenizer
+from rlhf_lightning.tasks import SentimentTask
+
+CORPUS = [r["prompt"] + r["completion"] for r in SentimentTask(seed=1).sft_records(300)]
+
+
+def bpe_tokenizer_without_pad() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on the spot: EOS but no pad token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny_gpt2(folder: Path, tokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_llama(folder: Path, tokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def byte_gpt2_dir(tmp_path: Path) -> Path:
+    """A tiny GPT-2 with the byte tokenizer (pad 0, EOS 1, chat template) in a HF folder."""
+    return save_tiny_gpt2(tmp_path / "byte-gpt2", byte_tokenizer())
+
+
+@pytest.fixture
+def bpe_gpt2_dir(tmp_path: Path) -> Path:
+    """A tiny GPT-2 whose BPE tokenizer has no pad token (pad == nothing, like GPT-2's)."""
+    return save_tiny_gpt2(tmp_path / "bpe-gpt2", bpe_tokenizer_without_pad())
+
+
+@pytest.fixture
+def llama_dir(tmp_path: Path) -> Path:
+    return save_tiny_llama(tmp_path / "llama", bpe_tokenizer_without_pad())
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    """Write JSONL: dicts are dumped, strings written as they are (for malformed lines)."""
+    path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines), encoding="utf-8")
+    return path
