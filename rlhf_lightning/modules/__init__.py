@@ -1,5 +1,7 @@
 """One LightningModule per RLHF stage."""
 
+from .ppo import KLSettings, PPOModule, PPOSettings, ScoreSettings
+from .reward import RewardModule
 from .sft import SFTModule
 
-__all__ = ["SFTModule"]
+__all__ = ["KLSettings", "PPOModule", "PPOSettings", "RewardModule", "SFTModule", "ScoreSettings"]

@@ -258,6 +258,11 @@ def label_agreement(records: Sequence[dict]) -> float:
     return sum(_compare(r["prompt"], r["chosen"], r["rejected"]) for r in records) / len(records)
 
 
+def gold_rewards(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """The gold annotator as a PPO reward function: ``gold_score`` of each (prompt, completion)."""
+    return [gold_score(p, c) for p, c in zip(prompts, completions)]
+
+
 def gold_win_rate(prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str]) -> float:
     """Share of prompts where gold prefers ``completions_a[i]`` over ``completions_b[i]`` (ties 0.5)."""
     if not (len(prompts) == len(completions_a) == len(completions_b)) or not prompts:

@@ -1,0 +1,428 @@
+"""Stage 3: PPO against a reward, with a per-token KL penalty to the reference (SFT) policy.
+
+One ``training_step`` is one PPO iteration: a rollout on the batch of prompts
+(:class:`~rlhf_lightning.rollout.RolloutLoop`), then ``ppo.epochs`` passes of shuffled
+minibatches with manual optimisation. ``trainer.global_step`` therefore counts optimiser steps
+(``epochs * num_minibatches`` per iteration); ``max_iterations`` counts iterations.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .. import ppo_math as pm
+from ..generation import decode_responses
+from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
+from ..optim import warmup_schedule
+from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
+from ..rollout import GenerationSettings, Responses, RolloutBatch, RolloutLoop, response_logprobs, token_values
+from ..text_logging import log_text_samples
+from .export import export_at_fit_end
+
+
+@dataclass
+class PPOSettings:
+    """The PPO update. ``num_minibatches`` optimiser steps per epoch, each accumulated over
+    ``gradient_accumulation_steps`` micro-batches."""
+
+    epochs: int = 4
+    num_minibatches: int = 4
+    gradient_accumulation_steps: int = 1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+@dataclass
+class KLSettings:
+    """KL penalty ``beta``: fixed at ``coef``, or adaptive (Ziegler et al. 2019) when ``target``
+    (nats per response) is set."""
+
+    coef: float = 0.05
+    estimator: str = "k1"
+    target: float | None = None
+    horizon: int = 10000
+
+
+@dataclass
+class ScoreSettings:
+    """What happens to raw scores before shaping."""
+
+    missing_eos_penalty: float | None = None
+    missing_eos_mode: str = "replace"
+    clip: float | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in types that ``torch.load(weights_only=True)`` reads."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PPOModule(LightningModule):
+    """PPO with a policy, a frozen reference, a reward source and a critic.
+
+    Args:
+        policy: the policy to train (usually the SFT export folder).
+        reference: the frozen reference policy of the KL penalty (default: ``policy``).
+        reward_model: a reward-model folder (``RewardModule``'s export) ...
+        reward_fn: ... or a Python callable ``(prompts, completions) -> scores`` (in YAML: its
+            import path, e.g. ``rlhf_lightning.tasks.gold_rewards``).
+        critic: the value model's initial weights (default: the reward model when it shares
+            the policy's tokenizer, else the policy with a new scalar head).
+        learning_rate / critic_learning_rate: AdamW (eps 1e-5) learning rates, decayed by
+            ``lr_scheduler`` over the run.
+        max_iterations: stop after this many PPO iterations (None: the Trainer decides).
+        gold_annotator: also report the built-in task's gold score, fluency and win rate over
+            the reference policy during validation.
+
+    Override :meth:`compute_scores` to compute rewards any other way.
+    """
+
+    def __init__(
+        self,
+        policy: str = "outputs/demo/sft/model",
+        reference: str | None = None,
+        reward_model: str | None = None,
+        reward_fn: TextRewardFn | None = None,
+        critic: str | None = None,
+        learning_rate: float = 1e-5,
+        critic_learning_rate: float | None = None,
+        lr_scheduler: str = "linear",
+        generation: GenerationSettings = GenerationSettings(),
+        ppo: PPOSettings = PPOSettings(),
+        kl: KLSettings = KLSettings(),
+        scores: ScoreSettings = ScoreSettings(),
+        max_iterations: int | None = None,
+        forward_batch_size: int = 64,
+        reward_batch_size: int = 64,
+        policy_export_dir: str | None = "outputs/ppo/policy",
+        critic_export_dir: str | None = "outputs/ppo/critic",
+        gold_annotator: bool = False,
+        num_text_samples: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if kl.estimator not in pm.KL_ESTIMATORS:
+            raise ValueError(f"kl.estimator must be one of {pm.KL_ESTIMATORS}, got {kl.estimator!r}")
+        self.save_hyperparameters(ignore=["reward_fn", "generation", "ppo", "kl", "scores"])
+        self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores))
+        self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
+        self.reward_fn = reward_fn
+        self.automatic_optimization = False
+        self.kl_controller: pm.KLController = (
+            pm.AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.target is not None else pm.FixedKLController(kl.coef)
+        )
+        self.iteration = 0
+        self.episode = 0
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.policy: PreTrainedModel | None = None
+        self.eval_metrics = torch.nn.ModuleDict()
+
+    # ----------------------------------------------------------------------------- models
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.policy)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        if (hp.reward_model is None) == (self.reward_fn is None) and type(self).compute_scores is PPOModule.compute_scores:
+            raise ValueError("give exactly one of reward_model or reward_fn (or override compute_scores)")
+        self.policy = load_causal_lm(hp.policy, self.tokenizer)
+        self.reference = self._frozen(load_causal_lm(hp.reference or hp.policy, self.tokenizer))
+        self.reward_scorer: Any = None
+        critic_source = hp.critic
+        if hp.reward_model is not None:
+            reward_tokenizer = load_tokenizer(hp.reward_model)
+            self.reward_model = self._frozen(load_sequence_scorer(hp.reward_model, reward_tokenizer))
+            self.reward_scorer = RewardModelScorer(self.reward_model, reward_tokenizer, self.tokenizer, hp.reward_batch_size)
+            if critic_source is None:
+                critic_source = hp.reward_model if same_tokenizer(reward_tokenizer, self.tokenizer) else hp.policy
+        elif self.reward_fn is not None:
+            self.reward_scorer = CallableScorer(self.reward_fn)
+        self.critic = load_sequence_scorer(critic_source or hp.policy, self.tokenizer)
+        self.policy.train()
+        self.critic.train()
+        for name in ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
+                     "gold_win_rate", "fluency", "ref_fluency"):
+            self.eval_metrics[name] = MeanMetric()
+
+    @staticmethod
+    def _frozen(model: PreTrainedModel) -> PreTrainedModel:
+        model.requires_grad_(False)
+        return model.eval()
+
+    def rollout_loop(self) -> RolloutLoop:
+        reduce = None
+        if self.trainer.world_size > 1:
+            reduce = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")  # noqa: E731
+        return RolloutLoop(
+            policy=self.policy, reference=self.reference, critic=self.critic, score_fn=self.compute_scores,
+            tokenizer=self.tokenizer, generation=self.generation, kl_estimator=self.kl.estimator,
+            gamma=self.ppo.gamma, lam=self.ppo.lam, missing_eos_penalty=self.score_settings.missing_eos_penalty,
+            missing_eos_mode=self.score_settings.missing_eos_mode, score_clip=self.score_settings.clip,
+            forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce,
+        )
+
+    def compute_scores(self, responses: Responses) -> Tensor:
+        """Scores ``(b,)`` of a batch of responses: the hook to override for a custom reward.
+
+        ``responses`` carries token ids with masks (``prompt_ids``, ``response_ids``, ...) and
+        the decoded ``prompts`` and ``completions``. Called without gradients.
+        """
+        return self.reward_scorer(responses)
+
+    # ---------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self.hparams.max_iterations is not None and self.iteration >= self.hparams.max_iterations:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        for frozen in (self.reference, getattr(self, "reward_model", None)):
+            if frozen is not None:
+                frozen.eval()
+        started = time.perf_counter()
+        rollout = self.rollout_loop().run(batch["prompt_ids"], batch["prompt_mask"], self.kl_controller.value)
+        rollout_seconds = time.perf_counter() - started
+        update_stats = self.ppo_update(rollout)
+        update_seconds = time.perf_counter() - started - rollout_seconds
+
+        world_batch = len(rollout) * self.trainer.world_size
+        self.iteration += 1
+        self.episode += world_batch
+        stats = self.rollout_statistics(rollout)
+        mean_kl = self.trainer.strategy.reduce(stats["objective/kl"], reduce_op="mean").item()
+        self.kl_controller.update(mean_kl, world_batch)
+        response_tokens = rollout.response_mask.sum().item()
+        stats.update(update_stats)
+        stats.update({
+            "lr": self.optimizers().param_groups[0]["lr"],
+            "episode": float(self.episode),
+            "time/rollout_s": rollout_seconds,
+            "time/update_s": update_seconds,
+            "time/tokens_per_s": response_tokens / max(rollout_seconds + update_seconds, 1e-9),
+        })
+        self.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, on_epoch=False, sync_dist=True,
+                      batch_size=len(rollout))
+        self.log("iteration", float(self.iteration), prog_bar=True, on_step=True, on_epoch=False)
+
+    def rollout_statistics(self, rollout: RolloutBatch) -> dict[str, Tensor]:
+        """Per-iteration statistics of the experience, named as in TRL."""
+        mask = rollout.response_mask
+        kl_sum = pm.masked_sum(rollout.kl, mask, dim=1)
+        non_score = pm.masked_sum(rollout.non_score_reward, mask, dim=1)
+        return {
+            "objective/kl": kl_sum.mean(),
+            "objective/entropy": pm.masked_sum(-rollout.logprobs, mask, dim=1).mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+            "objective/scores": rollout.scores.mean(),
+            "objective/kl_coef": torch.tensor(self.kl_controller.value),
+            "val/num_eos_tokens": (rollout.response_ids == self.tokenizer.eos_token_id).sum().float(),
+            "val/response_length": mask.sum(1).float().mean(),
+            "val/no_eos_rate": (~rollout.contains_eos).float().mean(),
+            "val/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask),
+        }
+
+    def minibatch_loss(self, mini: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy."""
+        response_length = mini.response_ids.shape[1]
+        logprobs, logits = response_logprobs(
+            self.policy, mini.input_ids, mini.attention_mask, response_length, self.generation.temperature
+        )
+        values = token_values(self.critic, mini.input_ids, mini.attention_mask, response_length)
+        mask = mini.response_mask
+        pg_loss, pg = pm.policy_loss(logprobs, mini.logprobs, mini.advantages, mask, self.ppo.cliprange)
+        vf_loss, vf_clipfrac = pm.value_loss(values, mini.values, mini.returns, mask, self.ppo.cliprange_value)
+        with torch.set_grad_enabled(self.ppo.entropy_coef > 0):
+            entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.generation.temperature), mask)
+        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.entropy_coef * entropy
+        stats = {
+            "policy/approxkl_avg": pg.approxkl,
+            "policy/clipfrac_avg": pg.clipfrac,
+            "policy/entropy_avg": entropy.detach(),
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": vf_clipfrac,
+            "val/ratio": pg.ratio_mean,
+            "val/ratio_var": pg.ratio_var,
+        }
+        return loss, stats
+
+    def ppo_update(self, rollout: RolloutBatch) -> dict[str, Tensor]:
+        """``epochs`` passes of shuffled minibatches; statistics averaged over all of them.
+
+        Also returns ``policy/first_ratio_dev``: the largest ``|ratio - 1|`` of the very first
+        minibatch, which must be ~0 (recomputed log-probs equal the rollout's).
+        """
+        settings = self.ppo
+        batch_size = len(rollout)
+        micro_batches = settings.num_minibatches * settings.gradient_accumulation_steps
+        if batch_size % micro_batches:
+            raise ValueError(
+                f"rollout batch size {batch_size} is not divisible by ppo.num_minibatches * "
+                f"ppo.gradient_accumulation_steps = {micro_batches}"
+            )
+        micro_size = batch_size // micro_batches
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        collected: dict[str, list[Tensor]] = defaultdict(list)
+        for epoch in range(settings.epochs):
+            order = torch.randperm(batch_size, device=rollout.response_ids.device)
+            for step in range(micro_batches):
+                mini = rollout.select(order[step * micro_size : (step + 1) * micro_size])
+                loss, stats = self.minibatch_loss(mini)
+                if epoch == 0 and step == 0:
+                    stats["policy/first_ratio_dev"] = self._first_ratio_deviation(mini)
+                self.manual_backward(loss / settings.gradient_accumulation_steps)
+                if (step + 1) % settings.gradient_accumulation_steps == 0:
+                    self.clip_gradients(optimizer, gradient_clip_val=settings.max_grad_norm, gradient_clip_algorithm="norm")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                for name, value in stats.items():
+                    collected[name].append(value.detach().float())
+        return {name: torch.stack(values).mean() for name, values in collected.items()}
+
+    @torch.no_grad()
+    def _first_ratio_deviation(self, mini: RolloutBatch) -> Tensor:
+        logprobs, _ = response_logprobs(
+            self.policy, mini.input_ids, mini.attention_mask, mini.response_ids.shape[1], self.generation.temperature
+        )
+        deviation = (logprobs - mini.logprobs).abs().masked_fill(~mini.response_mask, 0.0)
+        return deviation.max()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        critic_lr = self.hparams.critic_learning_rate or self.hparams.learning_rate
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.hparams.learning_rate},
+                {"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": critic_lr},
+            ],
+            eps=1e-5,
+            weight_decay=0.0,
+        )
+        iterations = self.hparams.max_iterations or self.trainer.estimated_stepping_batches
+        if self.hparams.max_iterations is not None and self.trainer.max_steps == -1:
+            iterations = min(iterations, self.trainer.estimated_stepping_batches)
+        total = int(iterations) * self.ppo.epochs * self.ppo.num_minibatches
+        scheduler = warmup_schedule(optimizer, self.hparams.lr_scheduler, 0, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Sample from policy and reference on held-out prompts (fixed seed per batch) and
+        compare: reward score, KL to the reference, and with ``gold_annotator`` the gold score,
+        fluency and the gold win rate of the policy over the reference."""
+        loop = self.rollout_loop()
+        devices = [] if self.device.type == "cpu" else [self.device]
+        samples = {}
+        for name, model in (("policy", self.policy), ("reference", self.reference)):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.hparams.seed * 100_003 + batch_idx)
+                sampler = replace(loop, policy=model)
+                response_ids, response_mask = sampler.generate(batch["prompt_ids"], batch["prompt_mask"])
+            responses = Responses(
+                batch["prompt_ids"], batch["prompt_mask"], response_ids, response_mask,
+                prompts=self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True),
+                completions=decode_responses(self.tokenizer, response_ids),
+            )
+            samples[name] = (responses, self.compute_scores(responses).float())
+        (policy, scores), (reference, ref_scores) = samples["policy"], samples["reference"]
+        input_ids = torch.cat([policy.prompt_ids, policy.response_ids], 1)
+        attention = torch.cat([policy.prompt_mask, policy.response_mask.to(policy.prompt_mask.dtype)], 1)
+        logprobs, ref_logprobs, _ = loop.forward_statistics(input_ids, attention, policy.response_ids.shape[1])
+        kl = pm.masked_sum(pm.kl_penalty(logprobs, ref_logprobs, "k1"), policy.response_mask, dim=1)
+        m = self.eval_metrics
+        m["score"].update(scores)
+        m["ref_score"].update(ref_scores)
+        m["kl"].update(kl)
+        m["response_length"].update(policy.response_mask.sum(1).float())
+        m["eos_rate"].update(pm.has_eos(policy.response_ids, self.tokenizer.eos_token_id).float())
+        if self.hparams.gold_annotator:
+            self._update_gold(policy, reference)
+        if batch_idx == 0:
+            rows = [
+                {"prompt": p, "response": c, "score": float(s), "reference": rc, "ref_score": float(rs)}
+                for p, c, s, rc, rs in zip(policy.prompts, policy.completions, scores, reference.completions, ref_scores)
+            ]
+            log_text_samples(self.trainer, "samples/ppo", rows[: self.hparams.num_text_samples])
+
+    def _update_gold(self, policy: Responses, reference: Responses) -> None:
+        from ..tasks import gold_score, is_fluent
+
+        gold = [gold_score(p, c) for p, c in zip(policy.prompts, policy.completions)]
+        ref_gold = [gold_score(p, c) for p, c in zip(reference.prompts, reference.completions)]
+        wins = [1.0 if g > r else 0.5 if g == r else 0.0 for g, r in zip(gold, ref_gold)]
+        m = self.eval_metrics
+        m["gold_score"].update(torch.tensor(gold))
+        m["ref_gold_score"].update(torch.tensor(ref_gold))
+        m["gold_win_rate"].update(torch.tensor(wins))
+        m["fluency"].update(torch.tensor([float(is_fluent(c)) for c in policy.completions]))
+        m["ref_fluency"].update(torch.tensor([float(is_fluent(c)) for c in reference.completions]))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.eval_metrics.items():
+            if metric.update_called:
+                self.log(f"eval/{name}", metric.compute())
+            metric.reset()
+
+    # ------------------------------------------------------------------ checkpoint + export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ppo_state"] = {
+            "kl_controller": self.kl_controller.state_dict(),
+            "iteration": self.iteration,
+            "episode": self.episode,
+            "rng": rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ppo_state")
+        if state is None:
+            rank_zero_warn("checkpoint has no PPO state: KL controller and counters start afresh")
+            return
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.iteration, self.episode = state["iteration"], state["episode"]
+        set_rng_state(state["rng"])
+
+    def on_fit_end(self) -> None:
+        export_at_fit_end(self, self.hparams.policy_export_dir, self.policy, self.tokenizer)
+        export_at_fit_end(self, self.hparams.critic_export_dir, self.critic, self.tokenizer)

@@ -1,0 +1,256 @@
+"""Stage 2: a Bradley-Terry reward model trained on preference pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from torchmetrics.regression import SpearmanCorrCoef
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data.encoding import attention_mask_for, encode_preference, pad
+from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
+from ..models import load_sequence_scorer, load_tokenizer
+from ..optim import adamw, warmup_schedule
+from ..reward_scoring import REWARD_OFFSET_KEY, bradley_terry_loss, score_sequences, sequence_rewards
+from .export import export_at_fit_end
+
+
+def pair_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 if chosen scores higher, 0 if lower, 0.5 on an exact tie.
+
+    Ties count one half, the same convention as the ceiling
+    :func:`rlhf_lightning.tasks.label_agreement`; a constant reward model scores 0.5.
+    """
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+def _check_prompt_completion(record: Record, path: str, line: int) -> Record:
+    record = check_sft(record, path, line)
+    if sft_kind(record) != "prompt/completion":
+        raise DataFormatError(path, line, None, "normalize_file needs SFT records {\"prompt\", \"completion\"}")
+    return record
+
+
+class RewardModule(LightningModule):
+    """Trains a scalar-head reward model on preference pairs and exports a Hugging Face folder.
+
+    Each batch (from :class:`~rlhf_lightning.data.PreferenceDataModule`) holds the chosen rows
+    then the rejected rows; both go through the model in one forward. The reward of a row is
+    read at its last real token (EOS), found from the attention mask, with position ids from
+    the mask, so either padding side gives the same rewards (see
+    :mod:`rlhf_lightning.reward_scoring`). The loss is the Bradley-Terry loss with the
+    per-pair ``margin`` of the data (0 when the records have none) and an optional centering
+    term.
+
+    At the end of fit, with ``normalize``, the mean raw reward of SFT demonstrations (the
+    built-in task's SFT val split, or ``normalize_file``) is stored as ``reward_offset`` in the
+    model config, so that :func:`~rlhf_lightning.reward_scoring.score_sequences` gives SFT-like
+    text a mean reward of 0. The model and tokenizer (right padding, pad token distinct from
+    EOS) are then written to ``export_dir``: a folder that plain
+    ``AutoModelForSequenceClassification`` loads, and the PPO stage scores with.
+
+    Args:
+        model_name_or_path: SFT output folder, any Hugging Face causal-LM or reward-model
+            folder, or ``preset:tiny-gpt2``. A causal LM gets a new, untrained scalar head.
+        learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
+        lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
+        centering_coef: weight of ``mean((r_c + r_r)^2)`` in the loss (0 disables it).
+        gradient_checkpointing: trade compute for memory on large models.
+        export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
+        normalize: store the mean reward of SFT demonstrations as ``reward_offset``.
+        normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on;
+            None uses the built-in task's SFT val split.
+        normalize_max_length: token budget of those sequences (None: the datamodule's
+            ``max_length``, else 256).
+        score_batch_size: rows per forward when scoring without grad (normalisation).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "preset:tiny-gpt2",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        lr_scheduler: str = "cosine",
+        centering_coef: float = 0.0,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = "outputs/reward/model",
+        normalize: bool = True,
+        normalize_file: str | None = None,
+        normalize_max_length: int | None = None,
+        score_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.model: PreTrainedModel | None = None
+        self.reward_offset: float | None = None
+        self._gold_scores: dict[tuple[int, ...], float] | None = None
+        self._gold_seen = False
+        self.train_accuracy = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+        self.val_reward_chosen = MeanMetric()
+        self.val_reward_rejected = MeanMetric()
+        self.val_margin = MeanMetric()
+        self.val_gold_accuracy = MeanMetric()
+        self.val_gold_spearman = SpearmanCorrCoef()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """Loaded on first use, so that building the module from a config stays cheap."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_sequence_scorer(self.hparams.model_name_or_path, self.tokenizer)
+        # An offset from an earlier reward model would be stale once training changes the model.
+        setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw rewards ``(b,)`` of the rows, with grad."""
+        return sequence_rewards(self.model, input_ids, attention_mask)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rewards = self(batch["input_ids"], batch["attention_mask"])  # chosen rows, then rejected rows
+        n_pairs = rewards.shape[0] // 2
+        chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
+        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.centering_coef)
+        return loss, chosen.detach(), rejected.detach()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, chosen, rejected = self._step(batch)
+        n_pairs = chosen.shape[0]
+        self.train_accuracy(pair_accuracy(chosen, rejected))
+        self.log("train/loss", loss, prog_bar=True, batch_size=n_pairs)
+        self.log("train/accuracy", self.train_accuracy, batch_size=n_pairs)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n_pairs)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, chosen, rejected = self._step(batch)
+        n_pairs = chosen.shape[0]
+        self.val_loss.update(loss, weight=n_pairs)
+        self.val_accuracy.update(pair_accuracy(chosen, rejected))
+        self.val_reward_chosen.update(chosen)
+        self.val_reward_rejected.update(rejected)
+        self.val_margin.update(chosen - rejected)
+        if "gold_label" in batch:
+            self._update_gold_metrics(batch, torch.cat([chosen, rejected]))
+
+    def _update_gold_metrics(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> None:
+        """Agreement with the gold annotator's verdict (gold ties skipped), and Spearman between
+        the rewards and ``gold_score`` of every validation completion found in the datamodule."""
+        n_pairs = rewards.shape[0] // 2
+        gold = batch["gold_label"].to(rewards)
+        decided = gold != 0.5
+        if decided.any():
+            predicted = pair_accuracy(rewards[:n_pairs], rewards[n_pairs:])
+            self.val_gold_accuracy.update(1.0 - (predicted - gold)[decided].abs())
+            self._gold_seen = True
+        table = self._gold_score_table()
+        if not table:
+            return
+        found, scores = [], []
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())):
+            key = tuple(token for token, real in zip(ids, mask) if real)
+            if key in table:
+                found.append(row)
+                scores.append(table[key])
+        if found:
+            self.val_gold_spearman.update(rewards[found], torch.tensor(scores, dtype=rewards.dtype, device=rewards.device))
+
+    def _gold_score_table(self) -> dict[tuple[int, ...], float]:
+        """Gold score of each encoded validation sequence, keyed by its token ids.
+
+        Built once from ``trainer.datamodule.val_records`` / ``val_dataset``; keying by ids makes
+        it independent of batch order, shuffling and distributed sampling.
+        """
+        if self._gold_scores is None:
+            from ..tasks import gold_score
+
+            datamodule = getattr(self.trainer, "datamodule", None)
+            records = getattr(datamodule, "val_records", None) or []
+            dataset = getattr(datamodule, "val_dataset", None) or []
+            table: dict[tuple[int, ...], float] = {}
+            for example in dataset:
+                index = example.get("index")
+                if index is None or index >= len(records):
+                    continue
+                record = records[index]
+                for side in ("chosen", "rejected"):
+                    table[tuple(example[side])] = gold_score(record["prompt"], record[side])
+            self._gold_scores = table
+        return self._gold_scores
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.log("val/reward_chosen", self.val_reward_chosen.compute())
+        self.log("val/reward_rejected", self.val_reward_rejected.compute())
+        self.log("val/margin", self.val_margin.compute())
+        if self._gold_seen:
+            self.log("val/gold_accuracy", self.val_gold_accuracy.compute())
+        if len(self.val_gold_spearman.preds) and sum(p.numel() for p in self.val_gold_spearman.preds) > 1:
+            self.log("val/gold_spearman", self.val_gold_spearman.compute())
+        for metric in (
+            self.val_loss, self.val_accuracy, self.val_reward_chosen, self.val_reward_rejected,
+            self.val_margin, self.val_gold_accuracy, self.val_gold_spearman,
+        ):
+            metric.reset()
+        self._gold_seen = False
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = adamw(
+            self.model.named_parameters(), self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.adam_betas
+        )
+        scheduler = warmup_schedule(
+            optimizer, self.hparams.lr_scheduler, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- normalisation and export -------------------------------------------------------
+    def normalization_records(self) -> list[Record]:
+        """SFT demonstrations whose mean reward becomes 0: ``normalize_file`` or the built-in
+        task's SFT val split (seeded like the datamodule)."""
+        if self.hparams.normalize_file:
+            return read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
+        from ..tasks import DEFAULT_SIZES, SentimentTask
+
+        seed = getattr(getattr(self.trainer, "datamodule", None), "seed", 0)
+        return SentimentTask(seed=seed).sft_records(DEFAULT_SIZES["sft_val"], split="val")
+
+    def compute_reward_offset(self, records: list[Record]) -> float:
+        """Mean raw reward of prompt+completion+EOS sequences (encoded as preference pairs are)."""
+        max_length = self.hparams.normalize_max_length or getattr(getattr(self.trainer, "datamodule", None), "max_length", 256)
+        sequences = [
+            encode_preference({"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]}, self.tokenizer, max_length)["chosen"]
+            for r in records
+        ]
+        ids, mask = pad(sequences, self.tokenizer.pad_token_id), attention_mask_for(sequences)
+        rewards = score_sequences(self.model, ids, mask, batch_size=self.hparams.score_batch_size, apply_offset=False)
+        return rewards.mean().item()
+
+    def on_fit_end(self) -> None:
+        trainer = self.trainer
+        if self.hparams.normalize and not trainer.fast_dev_run:
+            self.reward_offset = self.compute_reward_offset(self.normalization_records())
+            setattr(self.model.config, REWARD_OFFSET_KEY, self.reward_offset)
+            rank_zero_info(f"reward_offset (mean reward of SFT demonstrations): {self.reward_offset:.4f}")
+            for logger in trainer.loggers:
+                logger.log_metrics({"reward_offset": self.reward_offset}, step=trainer.global_step)
+        # Plain Hugging Face use (tokenizer(..., padding=True) then model(**batch)) is correct with
+        # right padding: HF pools at the rightmost non-pad token and GPT-2 numbers positions 0..t-1.
+        self.tokenizer.padding_side = "right"
+        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer)

@@ -1,0 +1,153 @@
+"""Reward-model maths and scoring: the Bradley-Terry loss and reading a sequence's reward.
+
+A reward model here is a Hugging Face ``*ForSequenceClassification`` model with one label
+(see :func:`rlhf_lightning.models.load_sequence_scorer`). Its reward for a sequence is the
+scalar head applied to the final hidden state of the **last non-padding token**, which in
+this package is always the EOS that ends a response.
+
+Hugging Face's own pooling finds that token by looking for ``pad_token_id`` in ``input_ids``,
+and a plain GPT-2 forward numbers positions 0..t-1 whatever the mask says. Both are wrong for
+left-padded (or PPO's left-and-right padded) batches, so this module never trusts either:
+
+* the last real token is found from the **attention mask** (:func:`last_token_index`);
+* position ids are built from the mask (:func:`position_ids_from_mask`) and always passed;
+* the backbone (``model.base_model``) is run and the head (``model.score``) applied to the
+  gathered hidden state, instead of calling the model's own forward.
+
+The result is the same reward for a sequence whether its batch is padded left, right or both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+#: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
+REWARD_OFFSET_KEY = "reward_offset"
+
+
+def bradley_terry_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | None = None,
+    centering_coef: float = 0.0,
+) -> Tensor:
+    """Pairwise Bradley-Terry loss of a batch of ``b`` preference pairs.
+
+    ``mean(-logsigmoid(r_c - r_r - margin)) + centering_coef * mean((r_c + r_r) ** 2)``
+
+    * ``margin`` ``(b,)`` (optional): how much better "chosen" must score (Llama-2 style);
+    * ``centering_coef``: pulls the mean reward of each pair towards 0 (the loss alone is
+      invariant to a constant shift of every reward), e.g. 0.01.
+
+    Computed in float32 whatever the rewards' dtype.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.ndim != 1:
+        raise ValueError(
+            f"chosen and rejected rewards must both have shape (b,), got "
+            f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
+        )
+    chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
+    difference = chosen - rejected
+    if margin is not None:
+        difference = difference - margin.to(difference)
+    loss = -F.logsigmoid(difference).mean()
+    if centering_coef:
+        loss = loss + centering_coef * (chosen + rejected).pow(2).mean()
+    return loss
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index ``(b,)`` of the last position whose mask is 1, for any padding side.
+
+    Works for left, right and "both" padding (PPO's left-padded prompt + right-padded
+    response). A row without any real token is an error.
+    """
+    mask = attention_mask.bool()
+    if not mask.any(dim=-1).all():
+        raise ValueError("attention_mask has a row without any real token (all zeros)")
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    # Masked positions become -1, so the maximum is the last real position (indices are unique).
+    return torch.where(mask, positions, -1).argmax(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids ``(b, t)`` counting real tokens only: ``cumsum(mask) - 1``, clamped at 0.
+
+    GPT-2 numbers positions ``0..t-1`` in a plain forward whatever the mask says, so a
+    left-padded row would see its first real token at position ``pad_count``; pass these
+    instead. Padding positions get 0 (they are masked out anyway).
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def scalar_head(model: PreTrainedModel) -> nn.Module:
+    """The scalar head of a sequence-classification model (``model.score``: GPT-2, Llama,
+    Mistral, Qwen, Gemma, ...), which maps hidden states ``(..., h)`` to ``(..., 1)``."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Module):
+        raise TypeError(
+            f"{type(model).__name__} has no 'score' head; reward models must be decoder "
+            "*ForSequenceClassification models with num_labels=1 (load them with "
+            "rlhf_lightning.models.load_sequence_scorer)"
+        )
+    return head
+
+
+def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Rewards ``(b,)`` (float32, with grad) read at each row's last real token.
+
+    Runs the backbone with position ids built from the mask and applies the scalar head to
+    the hidden state of the last position whose mask is 1 (the head is linear, so this equals
+    the per-token scores read at that position). Raw rewards: ``reward_offset`` is *not*
+    subtracted (see :func:`score_sequences`).
+    """
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+    return scalar_head(model)(last).squeeze(-1).float()
+
+
+def reward_offset(model: PreTrainedModel) -> float:
+    """The normalisation offset stored in ``model.config`` (0.0 when absent)."""
+    return float(getattr(model.config, REWARD_OFFSET_KEY, 0.0) or 0.0)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    batch_size: int = 64,
+    apply_offset: bool = True,
+) -> Tensor:
+    """Rewards ``(b,)`` of finished sequences: the scoring API of the PPO stage.
+
+    No grad, eval mode (the model's previous mode is restored), ``batch_size`` rows per
+    forward so that a large rollout batch does not blow memory, and ``reward_offset`` from the
+    model's config subtracted (``apply_offset=False`` gives raw rewards). Rows may be padded on
+    either side; the result is on ``input_ids``'s device, float32.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [
+            sequence_rewards(model, ids.to(device), mask.to(device))
+            for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))
+        ]
+    finally:
+        model.train(was_training)
+    rewards = torch.cat(chunks) if chunks else torch.zeros(0, device=device)
+    if apply_offset:
+        rewards = rewards - reward_offset(model)
+    return rewards.to(input_ids.device)

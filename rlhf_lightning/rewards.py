@@ -1,0 +1,91 @@
+"""Reward sources: each turns :class:`~rlhf_lightning.rollout.Responses` into ``(b,)`` scores.
+
+* :class:`RewardModelScorer`: a Hugging Face reward-model folder. When its tokenizer differs
+  from the policy's, responses are decoded and re-tokenized for it.
+* :class:`CallableScorer`: any Python function ``(prompts, completions) -> scores`` on texts,
+  such as the built-in task's gold annotator or a rule.
+
+A third way is to subclass :class:`~rlhf_lightning.modules.PPOModule` and override
+``compute_scores``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .data.encoding import attention_mask_for, encode_prompt, encode_text, pad
+from .reward_scoring import score_sequences
+from .rollout import Responses
+
+TextRewardFn = Callable[[list[str], list[str]], Sequence[float] | Tensor]
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when ``a`` and ``b`` map text to the same ids (same vocabulary and special tokens)."""
+    return (
+        type(a) is type(b)
+        and a.get_vocab() == b.get_vocab()
+        and (a.eos_token_id, a.pad_token_id) == (b.eos_token_id, b.pad_token_id)
+    )
+
+
+class RewardModelScorer:
+    """Scores responses with a frozen reward model (eval mode, no grad, in chunks)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        policy_tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 64,
+    ) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.shares_tokens = same_tokenizer(tokenizer, policy_tokenizer)
+
+    def encode(self, responses: Responses) -> tuple[Tensor, Tensor]:
+        """Ids and mask in the reward model's vocabulary: the policy's own ids when the
+        tokenizers agree, else prompt + completion text re-tokenized (with EOS, as in training)."""
+        if self.shares_tokens:
+            ids = torch.cat([responses.prompt_ids, responses.response_ids], dim=1)
+            mask = torch.cat([responses.prompt_mask, responses.response_mask.to(responses.prompt_mask.dtype)], dim=1)
+            return ids, mask
+        sequences = [
+            encode_prompt(self.tokenizer, prompt) + encode_text(self.tokenizer, completion) + [self.tokenizer.eos_token_id]
+            for prompt, completion in zip(responses.prompts, responses.completions)
+        ]
+        device = responses.prompt_ids.device
+        return pad(sequences, self.tokenizer.pad_token_id).to(device), attention_mask_for(sequences).to(device)
+
+    def __call__(self, responses: Responses) -> Tensor:
+        ids, mask = self.encode(responses)
+        return score_sequences(self.model, ids, mask, batch_size=self.batch_size)
+
+
+class CallableScorer:
+    """Scores decoded texts with ``fn(prompts, completions)``; NaN or a failure is an error.
+
+    A NaN score would poison the advantages of the whole batch, so it stops the run with a
+    message naming the offending prompt instead.
+    """
+
+    def __init__(self, fn: TextRewardFn) -> None:
+        self.fn = fn
+
+    def __call__(self, responses: Responses) -> Tensor:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        try:
+            scores = torch.as_tensor(self.fn(responses.prompts, responses.completions), dtype=torch.float32)
+        except Exception as err:  # a user's function: say whose it was
+            raise RuntimeError(f"reward function {name} failed: {err}") from err
+        scores = scores.reshape(-1).to(responses.prompt_ids.device)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"reward function {name} returned a non-finite score for {len(bad)} responses, "
+                f"e.g. prompt {responses.prompts[bad[0]]!r} -> completion {responses.completions[bad[0]]!r}"
+            )
+        return scores

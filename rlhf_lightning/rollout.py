@@ -1,0 +1,219 @@
+"""One round of PPO experience: generate, score, and turn scores into advantages.
+
+:class:`RolloutLoop` owns the data flow of a rollout and nothing else; the math is in
+:mod:`rlhf_lightning.ppo_math`, the reward comes from any callable, and no LightningModule is
+imported here, so a rollout can be run and tested on its own::
+
+    prompts --generate--> responses (cut after the first EOS)
+            --no-grad forwards--> policy logprobs, reference logprobs, critic values
+            --score_fn--> scores --shape_rewards--> per-token rewards --gae--> advantages
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import ppo_math as pm
+from .generation import decode_responses, generate_responses, sampling_config
+from .reward_scoring import position_ids_from_mask, scalar_head
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are sampled; the same ``temperature`` rescales logits for log-probs."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class Responses:
+    """What a reward source sees: token ids with masks, and the decoded texts.
+
+    ``prompt_ids``/``prompt_mask`` ``(b, p)`` are left-padded; ``response_ids``/``response_mask``
+    ``(b, r)`` hold the response up to and including its first EOS; ``completions`` are the
+    response texts without EOS or padding.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    prompts: list[str]
+    completions: list[str]
+
+
+ScoreFn = Callable[[Responses], Tensor]
+
+
+@dataclass
+class RolloutBatch:
+    """A batch of experience; every ``(b, r)`` tensor is aligned with ``response_ids``.
+
+    ``logprobs``/``values`` are the policy's and critic's at rollout time (the "old" ones of
+    the PPO ratio), ``scores`` ``(b,)`` the reward after the missing-EOS rule, ``rewards`` the
+    shaped per-token rewards, ``advantages`` whitened GAE advantages.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    scores: Tensor
+    contains_eos: Tensor
+    kl: Tensor
+    non_score_reward: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def select(self, index: Tensor) -> RolloutBatch:
+        """The rows ``index`` of every tensor (a minibatch)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+
+
+def causal_lm_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits ``(b, s, v)`` with position ids built from the mask (left padding is safe)."""
+    position_ids = position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+
+def response_logprobs(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Log-probs ``(b, r)`` of the last ``response_length`` tokens, and the logits that gave them.
+
+    The logits at position ``i`` predict token ``i + 1``, so the response's predictions are
+    the ``r`` positions before the last one.
+    """
+    logits = causal_lm_logits(model, input_ids, attention_mask)
+    response_logits = logits[:, -response_length - 1 : -1]
+    return pm.logprobs_from_logits(response_logits, input_ids[:, -response_length:], temperature), response_logits
+
+
+def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+    """Critic values ``(b, r)``: the scalar head on each position that predicts a response token."""
+    position_ids = position_ids_from_mask(attention_mask)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return scalar_head(model)(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
+
+
+@dataclass
+class RolloutLoop:
+    """Makes a :class:`RolloutBatch` from a batch of left-padded prompts.
+
+    Args:
+        policy, reference, critic: the three models that see the policy's tokens.
+        score_fn: ``Responses -> (b,)`` scores (a reward model, a Python rule, a subclass hook).
+        tokenizer: the policy's tokenizer (EOS, pad, decoding).
+        generation: sampling settings.
+        kl_estimator: ``k1`` (default), ``k2`` or ``k3`` for the per-token KL penalty.
+        gamma, lam: GAE discount and trace decay.
+        missing_eos_penalty, missing_eos_mode: what happens to the score of a response that
+            never emitted EOS (``replace`` it, or ``subtract`` the penalty; None: nothing).
+        score_clip: clip scores to ``[-score_clip, score_clip]`` (None: no clipping).
+        forward_batch_size: rows per no-grad forward, to bound memory on large batches.
+        all_reduce: sums a tensor over processes (DDP), used to whiten advantages globally.
+    """
+
+    policy: PreTrainedModel
+    reference: PreTrainedModel
+    critic: PreTrainedModel
+    score_fn: ScoreFn
+    tokenizer: PreTrainedTokenizerBase
+    generation: GenerationSettings
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    missing_eos_penalty: float | None = None
+    missing_eos_mode: str = "replace"
+    score_clip: float | None = None
+    forward_batch_size: int = 64
+    all_reduce: Callable[[Tensor], Tensor] | None = None
+    synced_gpus: bool = False
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Sample responses; tokens after the first EOS become padding and are masked out."""
+        config = sampling_config(self.tokenizer, **vars(self.generation))
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            kwargs = {"synced_gpus": True} if self.synced_gpus else {}
+            responses = generate_responses(self.policy, prompt_ids, prompt_mask, config, **kwargs)
+        finally:
+            self.policy.train(was_training)
+        response_mask = pm.first_eos_mask(responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        return responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), response_mask
+
+    @torch.no_grad()
+    def forward_statistics(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Policy log-probs, reference log-probs and critic values, ``(b, r)`` each, in chunks."""
+        temperature = self.generation.temperature
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        for start in range(0, input_ids.shape[0], self.forward_batch_size):
+            ids = input_ids[start : start + self.forward_batch_size]
+            mask = attention_mask[start : start + self.forward_batch_size]
+            logprobs, _ = response_logprobs(self.policy, ids, mask, response_length, temperature)
+            ref_logprobs, _ = response_logprobs(self.reference, ids, mask, response_length, temperature)
+            values = token_values(self.critic, ids, mask, response_length)
+            parts.append((logprobs, ref_logprobs, values))
+        logprobs, ref_logprobs, values = (torch.cat(p) for p in zip(*parts))
+        return logprobs, ref_logprobs, values
+
+    def run(self, prompt_ids: Tensor, prompt_mask: Tensor, kl_coef: float) -> RolloutBatch:
+        """One rollout on left-padded ``prompt_ids`` ``(b, p)`` with KL coefficient ``kl_coef``."""
+        response_ids, response_mask = self.generate(prompt_ids, prompt_mask)
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
+        logprobs, ref_logprobs, values = (
+            x.masked_fill(~response_mask, 0.0)
+            for x in self.forward_statistics(input_ids, attention_mask, response_ids.shape[1])
+        )
+
+        responses = Responses(
+            prompt_ids, prompt_mask, response_ids, response_mask,
+            prompts=self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True),
+            completions=decode_responses(self.tokenizer, response_ids),
+        )
+        with torch.no_grad():
+            scores = self.score_fn(responses).to(logprobs.device, torch.float32)
+        if scores.shape != (len(responses.completions),):
+            raise ValueError(f"a reward source must return one score per response, got shape {tuple(scores.shape)}")
+        contains_eos = pm.has_eos(response_ids, self.tokenizer.eos_token_id)
+        scores = pm.apply_missing_eos_penalty(scores, contains_eos, self.missing_eos_penalty, self.missing_eos_mode)
+        if self.score_clip is not None:
+            scores = scores.clamp(-self.score_clip, self.score_clip)
+
+        rewards, kl, non_score_reward = pm.shape_rewards(
+            scores, logprobs, ref_logprobs, response_mask, kl_coef, self.kl_estimator
+        )
+        advantages, returns = pm.gae(rewards, values, response_mask, self.gamma, self.lam)
+        advantages = pm.masked_whiten(advantages, response_mask, all_reduce=self.all_reduce)
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
+            logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores, contains_eos=contains_eos,
+            kl=kl, non_score_reward=non_score_reward, rewards=rewards, advantages=advantages, returns=returns,
+        )

@@ -1,0 +1,209 @@
+"""The PPO stage: rollout rules, the ratio-is-1 sanity, rewards, KL control, resume, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from rlhf_lightning import rollout as rollout_module
+from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.models import is_complete_hf_folder, load_causal_lm, load_sequence_scorer, load_tokenizer, save_hf_folder
+from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
+from rlhf_lightning.rollout import GenerationSettings, RolloutLoop
+from rlhf_lightning.tasks import gold_rewards
+
+from .conftest import bpe_tokenizer_without_pad, save_tiny_gpt2
+
+EOS, PAD = 1, 0
+
+
+@pytest.fixture
+def reward_dir(tmp_path: Path, byte_gpt2_dir: Path) -> Path:
+    """A reward-model folder (scalar head) sharing the policy's byte tokenizer."""
+    tokenizer = load_tokenizer(str(byte_gpt2_dir))
+    torch.manual_seed(1)
+    return save_hf_folder(tmp_path / "rm", load_sequence_scorer(str(byte_gpt2_dir), tokenizer), tokenizer)
+
+
+@pytest.fixture
+def bpe_reward_dir(tmp_path: Path) -> Path:
+    """A reward model with a different (BPE) tokenizer from the policy's."""
+    folder = save_tiny_gpt2(tmp_path / "bpe-lm", bpe_tokenizer_without_pad())
+    tokenizer = load_tokenizer(str(folder))
+    return save_hf_folder(tmp_path / "bpe-rm", load_sequence_scorer(str(folder), tokenizer), tokenizer)
+
+
+def small_ppo(policy: Path, tmp_path: Path, **overrides) -> PPOModule:
+    settings = dict(
+        policy=str(policy), learning_rate=1e-3, generation=GenerationSettings(max_new_tokens=8),
+        ppo=PPOSettings(epochs=2, num_minibatches=2), policy_export_dir=str(tmp_path / "policy"),
+        critic_export_dir=str(tmp_path / "critic"), forward_batch_size=3,
+    )
+    settings.update(overrides)
+    if "reward_model" not in settings and "reward_fn" not in settings:
+        settings["reward_fn"] = gold_rewards
+    return PPOModule(**settings)
+
+
+def fit(module: PPOModule, iterations: int, tmp_path: Path | None = None, **trainer_kwargs) -> Trainer:
+    module.hparams.max_iterations = iterations
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=bool(trainer_kwargs.get("callbacks")),
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.fit(module, datamodule=PromptDataModule(batch_size=8, max_length=64))
+    return trainer
+
+
+def fake_generation(monkeypatch, responses: torch.Tensor) -> None:
+    monkeypatch.setattr(rollout_module, "generate_responses", lambda model, ids, mask, config, **kw: responses.clone())
+
+
+def make_loop(byte_gpt2_dir: Path, score_fn, **kwargs) -> RolloutLoop:
+    tokenizer = load_tokenizer(str(byte_gpt2_dir))
+    policy = load_causal_lm(str(byte_gpt2_dir), tokenizer)
+    return RolloutLoop(policy=policy, reference=load_causal_lm(str(byte_gpt2_dir), tokenizer),
+                       critic=load_sequence_scorer(str(byte_gpt2_dir), tokenizer), score_fn=score_fn,
+                       tokenizer=tokenizer, generation=GenerationSettings(max_new_tokens=4), **kwargs)
+
+
+def test_rollout_truncates_after_first_eos_and_scores_last_token(monkeypatch, byte_gpt2_dir: Path):
+    # Row 0 stops at position 1; row 1 never emits EOS; tokens after EOS are garbage.
+    fake_generation(monkeypatch, torch.tensor([[50, EOS, 60, 70], [50, 51, 52, 53]]))
+    seen = {}
+
+    def score_fn(responses):
+        seen["completions"] = responses.completions
+        return torch.tensor([2.0, 3.0])
+
+    loop = make_loop(byte_gpt2_dir, score_fn, missing_eos_penalty=-1.0)
+    prompt_ids = torch.tensor([[PAD, 70, 71], [72, 73, 74]])
+    batch = loop.run(prompt_ids, (prompt_ids != PAD).long(), kl_coef=0.0)
+    assert batch.response_ids.tolist() == [[50, EOS, PAD, PAD], [50, 51, 52, 53]]
+    assert batch.response_mask.tolist() == [[True, True, False, False], [True] * 4]
+    assert seen["completions"] == ["/", "/012"]  # byte ids are offset by 3; EOS and padding dropped
+    assert batch.contains_eos.tolist() == [True, False]
+    assert batch.scores.tolist() == [2.0, -1.0]  # the missing-EOS penalty replaced row 1's score
+    # With kl_coef 0, the whole reward is the score, placed on the last real token.
+    assert batch.rewards.tolist() == [[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, -1.0]]
+    assert (batch.advantages[~batch.response_mask] == 0).all()
+    assert (batch.logprobs[~batch.response_mask] == 0).all()
+
+
+def test_rollout_logprobs_match_unpadded_forward(monkeypatch, byte_gpt2_dir: Path):
+    fake_generation(monkeypatch, torch.tensor([[40, 41, EOS], [42, EOS, PAD]]))
+    loop = make_loop(byte_gpt2_dir, lambda r: torch.zeros(2))
+    prompt_ids = torch.tensor([[PAD, PAD, 70, 71], [72, 73, 74, 75]])
+    batch = loop.run(prompt_ids, (prompt_ids != PAD).long(), kl_coef=0.1)
+    # Row 0 alone, without its left padding, must give the same log-probs (position ids!).
+    ids = torch.tensor([[70, 71, 40, 41, EOS]])
+    with torch.no_grad():
+        alone = torch.log_softmax(loop.policy(ids).logits[0, 1:-1], -1).gather(-1, ids[0, 2:, None]).squeeze(-1)
+    assert torch.allclose(batch.logprobs[0], alone, atol=1e-5)
+    # Policy == reference: KL is 0 and the shaped reward is the score alone.
+    assert torch.allclose(batch.kl, torch.zeros_like(batch.kl), atol=1e-6)
+
+
+def test_ratio_is_one_in_first_minibatch_and_metrics_logged(tmp_path: Path, byte_gpt2_dir: Path, reward_dir: Path):
+    seed_everything(0)
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(reward_dir))
+    trainer = fit(module, iterations=1)
+    metrics = trainer.callback_metrics
+    assert metrics["policy/first_ratio_dev"].item() < 1e-5
+    for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "objective/scores", "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg",
+                 "policy/entropy_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+                 "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "time/rollout_s", "time/tokens_per_s"):
+        assert torch.isfinite(metrics[name]), name
+    assert metrics["episode"].item() == 8
+    assert trainer.global_step == 2 * 2  # optimiser steps: epochs * minibatches per iteration
+    # The critic starts from the reward model when tokenizers agree; both are exported.
+    assert is_complete_hf_folder(tmp_path / "policy") and is_complete_hf_folder(tmp_path / "critic")
+
+
+def test_policy_changes_and_reward_model_stays_frozen(tmp_path: Path, byte_gpt2_dir: Path, reward_dir: Path):
+    seed_everything(0)
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(reward_dir))
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    frozen_before = {k: v.clone() for k, v in module.reward_model.state_dict().items()}
+    fit(module, iterations=2)
+    assert any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+    assert all(torch.equal(frozen_before[k], v) for k, v in module.reward_model.state_dict().items())
+
+
+def test_reward_model_with_other_tokenizer_works(tmp_path: Path, byte_gpt2_dir: Path, bpe_reward_dir: Path):
+    seed_everything(0)
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(bpe_reward_dir))
+    trainer = fit(module, iterations=1)
+    assert not module.reward_scorer.shares_tokens
+    assert torch.isfinite(trainer.callback_metrics["objective/scores"])
+    # The critic cannot read the policy's tokens with the RM's vocabulary: it starts from the policy.
+    assert module.critic.get_input_embeddings().num_embeddings == module.policy.get_input_embeddings().num_embeddings
+
+
+@pytest.mark.parametrize("bad, message", [(lambda p, c: [float("nan")] * len(c), "non-finite"),
+                                          (lambda p, c: 1 / 0, "failed")])
+def test_bad_reward_callable_is_a_clear_error(tmp_path: Path, byte_gpt2_dir: Path, bad, message):
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_fn=bad)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        fit(module, iterations=1)
+    assert not (tmp_path / "policy").exists()
+
+
+def test_subclass_overrides_compute_scores(tmp_path: Path, byte_gpt2_dir: Path):
+    class LengthReward(PPOModule):
+        def compute_scores(self, responses):
+            return responses.response_mask.sum(1).float()
+
+    seed_everything(0)
+    module = LengthReward(policy=str(byte_gpt2_dir), generation=GenerationSettings(max_new_tokens=8),
+                          ppo=PPOSettings(epochs=1, num_minibatches=2), policy_export_dir=None, critic_export_dir=None)
+    trainer = fit(module, iterations=1)
+    assert 1.0 <= trainer.callback_metrics["objective/scores"].item() <= 8.0
+
+
+def test_adaptive_kl_and_resume_restore_state(tmp_path: Path, byte_gpt2_dir: Path):
+    seed_everything(0)
+    kl = KLSettings(coef=0.2, target=0.01, horizon=100)
+    module = small_ppo(byte_gpt2_dir, tmp_path, kl=kl, scores=ScoreSettings(missing_eos_penalty=-1.0))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    fit(module, iterations=2, callbacks=[checkpoint])
+    assert module.kl_controller.value != 0.2  # adapted: observed KL differs from the target
+    first = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=False)
+    state = first["ppo_state"]
+    assert state["iteration"] == 1 and state["episode"] == 8
+
+    resumed = small_ppo(byte_gpt2_dir, tmp_path, kl=kl)
+    resumed.hparams.max_iterations = 2
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        pass
+
+    original = resumed.ppo_update
+
+    def spy(rollout):
+        seen.setdefault("kl_coef", resumed.kl_controller.value)
+        seen.setdefault("iteration", resumed.iteration)
+        seen.setdefault("adam_step", resumed.optimizers().optimizer.state_dict()["state"][0]["step"].item())
+        return original(rollout)
+
+    resumed.ppo_update = spy
+    trainer.fit(resumed, datamodule=PromptDataModule(batch_size=8, max_length=64),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    assert seen["kl_coef"] == pytest.approx(state["kl_controller"]["value"])
+    assert seen["iteration"] == 1
+    assert seen["adam_step"] == 4  # the optimiser state came back with the weights
+    assert resumed.iteration == 2 and resumed.episode == 16
+
+
+def test_minibatch_size_must_divide_batch(tmp_path: Path, byte_gpt2_dir: Path):
+    module = small_ppo(byte_gpt2_dir, tmp_path, ppo=PPOSettings(num_minibatches=3))
+    with pytest.raises(ValueError, match="not divisible"):
+        fit(module, iterations=1)
