@@ -4,6 +4,7 @@
   mode, so any LightningModule / LightningDataModule (the package's or a user's) is chosen by
   ``class_path`` in YAML. ``--print_config`` after the subcommand prints a config that runs the
   same way.
+* ``rlhf-lightning pipeline --config configs/demo/pipeline.yaml``: SFT -> reward -> PPO and a report.
 * ``rlhf-lightning task --out DIR``: write the built-in task's JSONL files, to see the formats.
 
 Errors in the user's data or model paths end the command with a one-line message naming the
@@ -19,10 +20,7 @@ from collections.abc import Sequence
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from .data.records import DataFormatError
-from .models import ModelLoadError
-
-USER_ERRORS = (DataFormatError, ModelLoadError)
+from .errors import UserInputError
 
 
 class RLHFCLI(LightningCLI):
@@ -35,6 +33,7 @@ class RLHFCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # each module owns its optimiser and schedule
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -65,8 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args[:1] == ["task"]:
             return write_task_command(args[1:])
+        if args[:1] == ["pipeline"]:
+            from .pipeline import pipeline_command
+
+            return pipeline_command(args[1:])
         RLHFCLI(args=None if argv is None else args)
-    except USER_ERRORS as err:
+    except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .errors import UserInputError
+
 PRESET_PREFIX = "preset:"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
@@ -68,7 +70,7 @@ DROPOUT_ATTRIBUTES = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserInputError):
     """A model or tokenizer could not be loaded; the message names the path and a hint."""
 
 
@@ -95,7 +97,8 @@ def byte_tokenizer() -> ByT5Tokenizer:
 
 def _check_local_folder(name_or_path: str) -> None:
     path = Path(name_or_path)
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    # A hub id is "name" or "org/name"; anything with more parts, or that exists, is a folder.
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists() or name_or_path.count("/") > 1
     if looks_local and not path.is_dir():
         raise ModelLoadError(
             f"model folder '{name_or_path}' does not exist; "
@@ -108,6 +111,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     Padding side is left to the caller: collators pad by hand, generation pads left.
     """
+    name_or_path = os.path.expanduser(name_or_path)
     if is_preset(name_or_path):
         _preset_name(name_or_path)
         tokenizer = byte_tokenizer()
@@ -216,8 +220,9 @@ def save_hf_folder(
     """Write ``model`` and ``tokenizer`` with ``save_pretrained``, atomically.
 
     The folder is written under a temporary sibling name and renamed into place once complete;
-    an existing folder at ``path`` is replaced only then. A crash midway leaves at most a
-    ``.tmp-*`` sibling, never a folder that looks finished.
+    an existing folder at ``path`` is replaced only then (moved aside, the new one renamed in,
+    the old one deleted). A crash leaves ``.tmp-*`` / ``.old-*`` siblings at worst, never a
+    folder at ``path`` that looks finished but is not.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from .data.encoding import attention_mask_for, encode_prompt, encode_text, pad
 from .reward_scoring import score_sequences
 from .rollout import Responses
 
-TextRewardFn = Callable[[list[str], list[str]], Sequence[float] | Tensor]
+TextRewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
@@ -50,9 +50,7 @@ class RewardModelScorer:
         """Ids and mask in the reward model's vocabulary: the policy's own ids when the
         tokenizers agree, else prompt + completion text re-tokenized (with EOS, as in training)."""
         if self.shares_tokens:
-            ids = torch.cat([responses.prompt_ids, responses.response_ids], dim=1)
-            mask = torch.cat([responses.prompt_mask, responses.response_mask.to(responses.prompt_mask.dtype)], dim=1)
-            return ids, mask
+            return responses.input_ids, responses.attention_mask
         sequences = [
             encode_prompt(self.tokenizer, prompt) + encode_text(self.tokenizer, completion) + [self.tokenizer.eos_token_id]
             for prompt, completion in zip(responses.prompts, responses.completions)

@@ -49,6 +49,16 @@ class Responses:
     prompts: list[str]
     completions: list[str]
 
+    @property
+    def input_ids(self) -> Tensor:
+        """Prompt and response ids side by side ``(b, p + r)``."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """1 on real prompt and response tokens; padding on both sides is 0."""
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+
 
 ScoreFn = Callable[[Responses], Tensor]
 
@@ -84,13 +94,8 @@ class RolloutBatch:
         """The rows ``index`` of every tensor (a minibatch)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
-    @property
-    def input_ids(self) -> Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+    input_ids = Responses.input_ids
+    attention_mask = Responses.attention_mask
 
 
 def causal_lm_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -207,3 +207,30 @@ def test_minibatch_size_must_divide_batch(tmp_path: Path, byte_gpt2_dir: Path):
     module = small_ppo(byte_gpt2_dir, tmp_path, ppo=PPOSettings(num_minibatches=3))
     with pytest.raises(ValueError, match="not divisible"):
         fit(module, iterations=1)
+
+
+def test_demo_config_fast_dev_run_with_validation(tmp_path: Path, monkeypatch, byte_gpt2_dir: Path, reward_dir: Path):
+    from rlhf_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs/demo/ppo.yaml"
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run=true",
+            f"--model.init_args.policy={byte_gpt2_dir}", f"--model.init_args.reward_model={reward_dir}",
+            "--model.init_args.generation.max_new_tokens=8", "--data.init_args.batch_size=8",
+            "--data.init_args.val_batch_size=4"]
+    assert main(args) == 0
+    assert not (tmp_path / "outputs/demo/ppo/policy").exists()  # smoke runs never export
+
+
+def test_validation_reports_gold_metrics(tmp_path: Path, byte_gpt2_dir: Path, reward_dir: Path):
+    seed_everything(0)
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(reward_dir), gold_annotator=True)
+    module.hparams.max_iterations = 1
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=1, val_check_interval=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=PromptDataModule(batch_size=8, val_batch_size=4, max_length=64))
+    metrics = trainer.callback_metrics
+    assert 0.0 <= metrics["eval/gold_win_rate"].item() <= 1.0
+    assert 0.0 <= metrics["eval/fluency"].item() <= 1.0
+    assert metrics["eval/kl"].item() != 0.0  # the policy moved away from the reference
+    assert torch.isfinite(metrics["eval/score"]) and torch.isfinite(metrics["eval/ref_gold_score"])

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UserInputError
 from .records import Record, sft_kind
 
 IGNORE_INDEX = -100
@@ -34,7 +35,7 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise UserInputError(
             f"tokenizer {type(tokenizer).__name__} has no chat template, so 'messages' records "
             "cannot be rendered; hint: use a chat model's tokenizer or set tokenizer.chat_template"
         )
@@ -60,14 +61,14 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple
 
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
-            header = _render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
-            if index and not header.startswith(rendered):
-                raise ValueError("chat template renders a conversation differently from its prefix")
+            header = _render(tokenizer, messages[:index], add_generation_prompt=True)
+            if not header.startswith(rendered):
+                raise UserInputError("chat template renders a conversation differently from its prefix")
             append(header[len(rendered) :], learn=False)
             rendered = header
         full = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if not full.startswith(rendered):
-            raise ValueError(
+            raise UserInputError(
                 "chat template is not prefix-stable (rendering more messages changes earlier text), "
                 "so assistant turns cannot be masked reliably"
             )

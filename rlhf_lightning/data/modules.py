@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UserInputError
 from ..models import load_tokenizer
 from .encoding import (
     PreferenceCollator,
@@ -80,7 +81,7 @@ class _JSONLDataModule(LightningDataModule):
         elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         else:
-            raise ValueError(
+            raise UserInputError(
                 f"{type(self).__name__} needs a tokenizer: pass tokenizer=<name or folder>, or "
                 "attach it to a Trainer whose LightningModule has a .tokenizer"
             )
@@ -94,7 +95,7 @@ class _JSONLDataModule(LightningDataModule):
         train = self.read(self.train_file)
         if self.val_file is not None:
             return train, self.read(self.val_file)
-        if self.val_fraction == 0.0:
+        if self.val_fraction == 0.0 or len(train) < 2:
             return train, []
         order = list(range(len(train)))
         random.Random(self.seed).shuffle(order)
@@ -116,7 +117,7 @@ class _JSONLDataModule(LightningDataModule):
                 f"after truncation to max_length={self.max_length}"
             )
         if records and not encoded:
-            raise ValueError(f"{source}: no usable record after truncation to max_length={self.max_length}")
+            raise UserInputError(f"{source}: no usable record after truncation to max_length={self.max_length}")
         return encoded
 
     def setup(self, stage: str | None = None) -> None:

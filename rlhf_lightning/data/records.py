@@ -18,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserInputError
+
 Record = dict[str, Any]
 SFT_KINDS = ("prompt/completion", "text", "messages")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserInputError):
     """A record does not have the shape its stage expects.
 
     ``str(err)`` reads ``path:line: field 'name': what is wrong (hint)``.

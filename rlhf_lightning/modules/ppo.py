@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
-from ..generation import decode_responses
+from ..evaluation import gold_judgements, sample_responses, sequence_kl
 from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
@@ -353,51 +353,28 @@ class PPOModule(LightningModule):
         compare: reward score, KL to the reference, and with ``gold_annotator`` the gold score,
         fluency and the gold win rate of the policy over the reference."""
         loop = self.rollout_loop()
-        devices = [] if self.device.type == "cpu" else [self.device]
-        samples = {}
-        for name, model in (("policy", self.policy), ("reference", self.reference)):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.hparams.seed * 100_003 + batch_idx)
-                sampler = replace(loop, policy=model)
-                response_ids, response_mask = sampler.generate(batch["prompt_ids"], batch["prompt_mask"])
-            responses = Responses(
-                batch["prompt_ids"], batch["prompt_mask"], response_ids, response_mask,
-                prompts=self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True),
-                completions=decode_responses(self.tokenizer, response_ids),
-            )
-            samples[name] = (responses, self.compute_scores(responses).float())
-        (policy, scores), (reference, ref_scores) = samples["policy"], samples["reference"]
-        input_ids = torch.cat([policy.prompt_ids, policy.response_ids], 1)
-        attention = torch.cat([policy.prompt_mask, policy.response_mask.to(policy.prompt_mask.dtype)], 1)
-        logprobs, ref_logprobs, _ = loop.forward_statistics(input_ids, attention, policy.response_ids.shape[1])
-        kl = pm.masked_sum(pm.kl_penalty(logprobs, ref_logprobs, "k1"), policy.response_mask, dim=1)
+        prompts = self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+        seed = self.hparams.seed * 100_003 + batch_idx
+        policy = sample_responses(loop, self.policy, batch["prompt_ids"], batch["prompt_mask"], prompts, seed)
+        reference = sample_responses(loop, self.reference, batch["prompt_ids"], batch["prompt_mask"], prompts, seed)
+        scores, ref_scores = self.compute_scores(policy).float(), self.compute_scores(reference).float()
         m = self.eval_metrics
         m["score"].update(scores)
         m["ref_score"].update(ref_scores)
-        m["kl"].update(kl)
+        m["kl"].update(sequence_kl(self.policy, self.reference, policy, self.generation.temperature))
         m["response_length"].update(policy.response_mask.sum(1).float())
         m["eos_rate"].update(pm.has_eos(policy.response_ids, self.tokenizer.eos_token_id).float())
         if self.hparams.gold_annotator:
-            self._update_gold(policy, reference)
+            judged = gold_judgements(prompts, policy.completions, reference.completions)
+            for metric, key in (("gold_score", "gold"), ("ref_gold_score", "baseline_gold"), ("gold_win_rate", "win"),
+                                ("fluency", "fluency"), ("ref_fluency", "baseline_fluency")):
+                m[metric].update(torch.tensor(judged[key]))
         if batch_idx == 0:
             rows = [
                 {"prompt": p, "response": c, "score": float(s), "reference": rc, "ref_score": float(rs)}
-                for p, c, s, rc, rs in zip(policy.prompts, policy.completions, scores, reference.completions, ref_scores)
+                for p, c, s, rc, rs in zip(prompts, policy.completions, scores, reference.completions, ref_scores)
             ]
             log_text_samples(self.trainer, "samples/ppo", rows[: self.hparams.num_text_samples])
-
-    def _update_gold(self, policy: Responses, reference: Responses) -> None:
-        from ..tasks import gold_score, is_fluent
-
-        gold = [gold_score(p, c) for p, c in zip(policy.prompts, policy.completions)]
-        ref_gold = [gold_score(p, c) for p, c in zip(reference.prompts, reference.completions)]
-        wins = [1.0 if g > r else 0.5 if g == r else 0.0 for g, r in zip(gold, ref_gold)]
-        m = self.eval_metrics
-        m["gold_score"].update(torch.tensor(gold))
-        m["ref_gold_score"].update(torch.tensor(ref_gold))
-        m["gold_win_rate"].update(torch.tensor(wins))
-        m["fluency"].update(torch.tensor([float(is_fluent(c)) for c in policy.completions]))
-        m["ref_fluency"].update(torch.tensor([float(is_fluent(c)) for c in reference.completions]))
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.eval_metrics.items():

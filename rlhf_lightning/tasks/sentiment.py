@@ -223,7 +223,7 @@ def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
             start, end = rng.choice(spans)
             text = base[: rng.randint(start + 1, end - 1)]
         elif kind == "empty":
-            text = rng.choice(("", " ", " .", " the", " and.", " was."))
+            text = rng.choice((" ...", " it.", " .", " the", " and.", " was."))
         elif kind == "shuffled":
             words = base.replace(".", "").split()
             rng.shuffle(words)

@@ -1,0 +1,149 @@
+"""Comparing two policies on held-out prompts: what the pipeline report is made of.
+
+Both policies sample with the same seed and settings; the reward model (when given) scores
+both, KL to the reference is measured on the trained policy's samples, and on the built-in
+task the gold annotator judges the pair (win rate, gold score, fluency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from . import ppo_math as pm
+from .data.encoding import attention_mask_for, encode_prompt, pad
+from .generation import decode_responses
+from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
+from .rewards import RewardModelScorer
+from .rollout import GenerationSettings, Responses, RolloutLoop, response_logprobs
+
+
+@dataclass
+class PolicyComparison:
+    """Averages over the prompts; ``gold_*`` and ``fluency*`` only on the built-in task."""
+
+    num_prompts: int
+    score: float | None
+    baseline_score: float | None
+    kl: float
+    response_length: float
+    baseline_response_length: float
+    gold_score: float | None = None
+    baseline_gold_score: float | None = None
+    gold_win_rate: float | None = None
+    fluency: float | None = None
+    baseline_fluency: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_responses(
+    loop: RolloutLoop, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+    prompts: list[str], seed: int,
+) -> Responses:
+    """Responses of ``model`` sampled with ``loop``'s settings under a fixed ``seed``.
+
+    The global RNG is left as it was, so evaluating never changes what training samples next.
+    """
+    devices = [] if prompt_ids.device.type == "cpu" else [prompt_ids.device]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        response_ids, response_mask = replace(loop, policy=model).generate(prompt_ids, prompt_mask)
+    tokenizer = loop.tokenizer
+    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, prompts, decode_responses(tokenizer, response_ids))
+
+
+def gold_judgements(prompts: list[str], completions: list[str], baseline_completions: list[str]) -> dict[str, list[float]]:
+    """The built-in task's gold annotator on two sets of completions for the same prompts:
+    gold scores, wins of the first over the second (ties 0.5) and fluency."""
+    from .tasks import gold_score, is_fluent
+
+    gold = [gold_score(p, c) for p, c in zip(prompts, completions)]
+    baseline = [gold_score(p, c) for p, c in zip(prompts, baseline_completions)]
+    return {
+        "gold": gold,
+        "baseline_gold": baseline,
+        "win": [1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(gold, baseline)],
+        "fluency": [float(is_fluent(c)) for c in completions],
+        "baseline_fluency": [float(is_fluent(c)) for c in baseline_completions],
+    }
+
+
+@torch.no_grad()
+def compare_policies(
+    policy_dir: str,
+    baseline_dir: str,
+    prompts: list[str],
+    reward_model_dir: str | None = None,
+    generation: GenerationSettings | None = None,
+    gold_annotator: bool = True,
+    seed: int = 0,
+    batch_size: int = 50,
+) -> tuple[PolicyComparison, list[dict[str, Any]]]:
+    """Sample both policies on ``prompts`` and compare them; also returns per-prompt samples."""
+    tokenizer = load_tokenizer(policy_dir)
+    policy = load_causal_lm(policy_dir, tokenizer).eval()
+    baseline = load_causal_lm(baseline_dir, tokenizer).eval()
+    scorer = None
+    if reward_model_dir is not None:
+        reward_tokenizer = load_tokenizer(reward_model_dir)
+        scorer = RewardModelScorer(load_sequence_scorer(reward_model_dir, reward_tokenizer), reward_tokenizer, tokenizer)
+    loop = RolloutLoop(policy=policy, reference=baseline, critic=None, score_fn=None, tokenizer=tokenizer,
+                       generation=generation or GenerationSettings())
+    rows: list[dict[str, Any]] = []
+    kls: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [encode_prompt(tokenizer, p) for p in chunk]
+        prompt_ids, prompt_mask = pad(ids, tokenizer.pad_token_id, "left"), attention_mask_for(ids, "left")
+        mine = sample_responses(loop, policy, prompt_ids, prompt_mask, chunk, seed + start)
+        theirs = sample_responses(loop, baseline, prompt_ids, prompt_mask, chunk, seed + start)
+        scores = scorer(mine).tolist() if scorer else [None] * len(chunk)
+        baseline_scores = scorer(theirs).tolist() if scorer else [None] * len(chunk)
+        kls += sequence_kl(policy, baseline, mine, loop.generation.temperature).tolist()
+        judged = gold_judgements(chunk, mine.completions, theirs.completions) if gold_annotator else {}
+        for i, prompt in enumerate(chunk):
+            row = {
+                "prompt": prompt,
+                "response": mine.completions[i], "score": scores[i], "length": int(mine.response_mask[i].sum()),
+                "baseline_response": theirs.completions[i], "baseline_score": baseline_scores[i],
+                "baseline_length": int(theirs.response_mask[i].sum()),
+            }
+            row.update({key: values[i] for key, values in judged.items()})
+            rows.append(row)
+    return summarise(rows, kls, gold_annotator), rows
+
+
+def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, responses: Responses, temperature: float) -> torch.Tensor:
+    """Per-response KL estimate ``sum_t (logp - ref_logp)`` ``(b,)`` on the policy's own samples."""
+    input_ids, attention = responses.input_ids, responses.attention_mask
+    length = responses.response_ids.shape[1]
+    logprobs, _ = response_logprobs(policy, input_ids, attention, length, temperature)
+    ref_logprobs, _ = response_logprobs(reference, input_ids, attention, length, temperature)
+    return pm.masked_sum(pm.kl_penalty(logprobs, ref_logprobs, "k1"), responses.response_mask, dim=1)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def summarise(rows: list[dict[str, Any]], kls: list[float], gold: bool) -> PolicyComparison:
+    comparison = PolicyComparison(
+        num_prompts=len(rows),
+        score=_mean([r["score"] for r in rows]),
+        baseline_score=_mean([r["baseline_score"] for r in rows]),
+        kl=sum(kls) / len(kls),
+        response_length=_mean([r["length"] for r in rows]),
+        baseline_response_length=_mean([r["baseline_length"] for r in rows]),
+    )
+    if gold:
+        comparison.gold_score = _mean([r["gold"] for r in rows])
+        comparison.baseline_gold_score = _mean([r["baseline_gold"] for r in rows])
+        comparison.gold_win_rate = _mean([r["win"] for r in rows])
+        comparison.fluency = _mean([r["fluency"] for r in rows])
+        comparison.baseline_fluency = _mean([r["baseline_fluency"] for r in rows])
+    return comparison

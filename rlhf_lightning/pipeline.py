@@ -1,0 +1,166 @@
+"""SFT -> reward model -> PPO in one command, with a report.
+
+Each stage is an ordinary ``rlhf-lightning fit`` run of its own YAML config; the pipeline
+only chains them (the reward stage starts from the SFT export, PPO from both), skips a stage
+whose export folder is already complete (unless ``redo`` names it), and at the end compares
+the PPO policy with the SFT policy on held-out prompts and writes ``summary.json``,
+``report.md`` and plots into ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentParser, ActionConfigFile
+
+from .models import is_complete_hf_folder
+from .report import read_scalars, write_report
+from .rollout import GenerationSettings
+
+STAGES = ("sft", "reward", "ppo")
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline: three stage configs, where the run lives, and the final evaluation.
+
+    Args:
+        run_dir: the run folder (TensorBoard sub-runs of the stages, report, summary.json).
+        sft, reward, ppo: the stage configs (YAML files as given to ``rlhf-lightning fit``).
+        redo: stages to run again even when their output folder is complete.
+        eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` JSONL
+            file, or null for the built-in task's validation prompts.
+        gold_annotator: judge with the built-in task's gold annotator (its task only).
+        seed: sampling seed of the final comparison.
+    """
+
+    run_dir: str = "outputs/demo"
+    sft: str = "configs/demo/sft.yaml"
+    reward: str = "configs/demo/reward.yaml"
+    ppo: str = "configs/demo/ppo.yaml"
+    redo: list[str] = field(default_factory=list)
+    eval_prompts: str | None = None
+    gold_annotator: bool = True
+    seed: int = 0
+
+
+def _init_args(config_path: str) -> dict[str, Any]:
+    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    return (config.get("model") or {}).get("init_args") or {}
+
+
+def stage_outputs(config: PipelineConfig) -> dict[str, str]:
+    """The export folders the stage configs write (what later stages read)."""
+    return {
+        "sft": _init_args(config.sft)["export_dir"],
+        "reward": _init_args(config.reward)["export_dir"],
+        "ppo": _init_args(config.ppo)["policy_export_dir"],
+    }
+
+
+def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
+    """``fit`` arguments of each stage, wired to the previous stages' exports."""
+    return {
+        "sft": ["fit", "--config", config.sft],
+        "reward": ["fit", "--config", config.reward, f"--model.init_args.model_name_or_path={outputs['sft']}"],
+        "ppo": [
+            "fit", "--config", config.ppo,
+            f"--model.init_args.policy={outputs['sft']}",
+            f"--model.init_args.reward_model={outputs['reward']}",
+        ],
+    }
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run (or skip) each stage, then evaluate and write the report; returns the summary."""
+    from .cli import RLHFCLI
+
+    unknown = set(config.redo) - set(STAGES)
+    if unknown:
+        raise ValueError(f"redo: unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    outputs = stage_outputs(config)
+    commands = stage_commands(config, outputs)
+    timings: dict[str, float | None] = {}
+    for stage in STAGES:
+        if is_complete_hf_folder(outputs[stage]) and stage not in config.redo:
+            print(f"[pipeline] {stage}: {outputs[stage]} is complete, skipping (redo with --redo {stage})")
+            timings[stage] = None
+            continue
+        print(f"[pipeline] {stage}: rlhf-lightning {' '.join(commands[stage])}")
+        for stale in (Path(config.run_dir) / stage).glob("events.out.tfevents*"):
+            stale.unlink()  # the stage's TensorBoard sub-run shows this run only
+        started = time.perf_counter()
+        RLHFCLI(args=commands[stage])
+        timings[stage] = round(time.perf_counter() - started, 1)
+        if not is_complete_hf_folder(outputs[stage]):
+            raise RuntimeError(f"stage {stage} finished without writing {outputs[stage]}")
+    summary = evaluate(config, outputs)
+    summary["stage_seconds"] = timings
+    run_dir = Path(config.run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_report(run_dir, summary, read_scalars(run_dir))
+    print_table(summary)
+    return summary
+
+
+def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
+    """Compare the PPO policy with the SFT policy on held-out prompts."""
+    from .data.records import read_prompts
+    from .evaluation import compare_policies
+    from .tasks import DEFAULT_SIZES, SentimentTask
+
+    if config.eval_prompts:
+        prompts = [r["prompt"] for r in read_prompts(config.eval_prompts)]
+    else:
+        prompts = [r["prompt"] for r in SentimentTask(config.seed).prompt_records(DEFAULT_SIZES["prompts_val"], "val")]
+    generation = GenerationSettings(**(_init_args(config.ppo).get("generation") or {}))
+    comparison, rows = compare_policies(
+        outputs["ppo"], outputs["sft"], prompts, reward_model_dir=outputs["reward"],
+        generation=generation, gold_annotator=config.gold_annotator, seed=config.seed,
+    )
+    scalars = read_scalars(Path(config.run_dir))
+    final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
+    summary = {
+        "gold_win_rate": comparison.gold_win_rate,
+        "comparison": comparison.to_dict(),
+        "sft": {k: final.get("sft", {}).get(k) for k in ("val/loss", "val/token_accuracy", "val/perplexity")},
+        "reward": {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/")},
+        "ppo": {k: v for k, v in final.get("ppo", {}).items() if k.startswith(("eval/", "objective/"))},
+        "samples": rows[:8],
+    }
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    c = summary["comparison"]
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        ("SFT val loss", summary["sft"].get("val/loss")),
+        ("RM val accuracy", summary["reward"].get("val/accuracy")),
+        ("RM gold accuracy", summary["reward"].get("val/gold_accuracy")),
+        ("gold win rate PPO vs SFT", c["gold_win_rate"]),
+        ("gold score PPO / SFT", f"{fmt(c['gold_score'])} / {fmt(c['baseline_gold_score'])}"),
+        ("fluency PPO / SFT", f"{fmt(c['fluency'])} / {fmt(c['baseline_fluency'])}"),
+        ("RM score PPO / SFT", f"{fmt(c['score'])} / {fmt(c['baseline_score'])}"),
+        ("KL(PPO || SFT) per response", c["kl"]),
+    ]
+    width = max(len(name) for name, _ in lines)
+    print("\n".join(f"{name:<{width}}  {fmt(value)}" for name, value in lines))
+
+
+def pipeline_command(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="rlhf-lightning pipeline", description=__doc__, default_config_files=[])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(PipelineConfig, as_positional=False)
+    namespace = parser.parse_args(argv)
+    namespace.pop("config", None)
+    run_pipeline(PipelineConfig(**namespace.as_dict()))
+    return 0
