@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser, ActionConfigFile
 
+from .errors import UserInputError
 from .models import is_complete_hf_folder
 from .report import read_scalars, write_report
 from .rollout import GenerationSettings
@@ -56,11 +57,13 @@ def _init_args(config_path: str) -> dict[str, Any]:
 
 def stage_outputs(config: PipelineConfig) -> dict[str, str]:
     """The export folders the stage configs write (what later stages read)."""
-    return {
-        "sft": _init_args(config.sft)["export_dir"],
-        "reward": _init_args(config.reward)["export_dir"],
-        "ppo": _init_args(config.ppo)["policy_export_dir"],
-    }
+    outputs = {}
+    for stage, path, key in (("sft", config.sft, "export_dir"), ("reward", config.reward, "export_dir"),
+                             ("ppo", config.ppo, "policy_export_dir")):
+        outputs[stage] = _init_args(path).get(key)
+        if not outputs[stage]:
+            raise UserInputError(f"{path}: model.init_args.{key} must name the stage's output folder")
+    return outputs
 
 
 def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
@@ -71,7 +74,8 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
         "ppo": [
             "fit", "--config", config.ppo,
             f"--model.init_args.policy={outputs['sft']}",
-            f"--model.init_args.reward_model={outputs['reward']}",
+            # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
+            *([] if _init_args(config.ppo).get("reward_fn") else [f"--model.init_args.reward_model={outputs['reward']}"]),
         ],
     }
 
@@ -86,9 +90,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     outputs = stage_outputs(config)
     commands = stage_commands(config, outputs)
     timings: dict[str, float | None] = {}
+    rerun = False  # once a stage runs, every later stage runs too: its inputs changed
     for stage in STAGES:
-        if is_complete_hf_folder(outputs[stage]) and stage not in config.redo:
-            print(f"[pipeline] {stage}: {outputs[stage]} is complete, skipping (redo with --redo {stage})")
+        rerun = rerun or stage in config.redo or not is_complete_hf_folder(outputs[stage])
+        if not rerun:
+            print(f"[pipeline] {stage}: {outputs[stage]} is complete, skipping (redo with --redo '[{stage}]')")
             timings[stage] = None
             continue
         print(f"[pipeline] {stage}: rlhf-lightning {' '.join(commands[stage])}")

@@ -188,6 +188,14 @@ class RolloutLoop:
         logprobs, ref_logprobs, values = (torch.cat(p) for p in zip(*parts))
         return logprobs, ref_logprobs, values
 
+    def advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Advantages and returns ``(b, r)`` from shaped rewards and critic values.
+
+        GAE by default; override for another estimator. The advantages are whitened afterwards
+        (over all processes); the returns are the critic's regression targets.
+        """
+        return pm.gae(rewards, values, mask, self.gamma, self.lam)
+
     def run(self, prompt_ids: Tensor, prompt_mask: Tensor, kl_coef: float) -> RolloutBatch:
         """One rollout on left-padded ``prompt_ids`` ``(b, p)`` with KL coefficient ``kl_coef``."""
         response_ids, response_mask = self.generate(prompt_ids, prompt_mask)
@@ -215,7 +223,7 @@ class RolloutLoop:
         rewards, kl, non_score_reward = pm.shape_rewards(
             scores, logprobs, ref_logprobs, response_mask, kl_coef, self.kl_estimator
         )
-        advantages, returns = pm.gae(rewards, values, response_mask, self.gamma, self.lam)
+        advantages, returns = self.advantages(rewards, values, response_mask)
         advantages = pm.masked_whiten(advantages, response_mask, all_reduce=self.all_reduce)
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,

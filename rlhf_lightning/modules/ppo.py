@@ -8,6 +8,7 @@ minibatches with manual optimisation. ``trainer.global_step`` therefore counts o
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
 from ..evaluation import gold_judgements, sample_responses, sequence_kl
+from ..errors import UserInputError
 from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
@@ -108,8 +110,12 @@ class PPOModule(LightningModule):
         gold_annotator: also report the built-in task's gold score, fluency and win rate over
             the reference policy during validation.
 
-    Override :meth:`compute_scores` to compute rewards any other way.
+    Override :meth:`compute_scores` to compute rewards any other way, and set
+    ``rollout_loop_class`` to a :class:`RolloutLoop` subclass to change how a rollout turns
+    rewards into advantages.
     """
+
+    rollout_loop_class: type[RolloutLoop] = RolloutLoop
 
     def __init__(
         self,
@@ -192,7 +198,7 @@ class PPOModule(LightningModule):
         reduce = None
         if self.trainer.world_size > 1:
             reduce = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")  # noqa: E731
-        return RolloutLoop(
+        return self.rollout_loop_class(
             policy=self.policy, reference=self.reference, critic=self.critic, score_fn=self.compute_scores,
             tokenizer=self.tokenizer, generation=self.generation, kl_estimator=self.kl.estimator,
             gamma=self.ppo.gamma, lam=self.ppo.lam, missing_eos_penalty=self.score_settings.missing_eos_penalty,
@@ -290,8 +296,8 @@ class PPOModule(LightningModule):
     def ppo_update(self, rollout: RolloutBatch) -> dict[str, Tensor]:
         """``epochs`` passes of shuffled minibatches; statistics averaged over all of them.
 
-        Also returns ``policy/first_ratio_dev``: the largest ``|ratio - 1|`` of the very first
-        minibatch, which must be ~0 (recomputed log-probs equal the rollout's).
+        Also returns ``policy/first_ratio_dev``: the largest ``|logp - old_logp|`` of the very
+        first minibatch, which must be ~0 (recomputed log-probs equal the rollout's).
         """
         settings = self.ppo
         batch_size = len(rollout)
@@ -330,7 +336,9 @@ class PPOModule(LightningModule):
         return deviation.max()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        critic_lr = self.hparams.critic_learning_rate or self.hparams.learning_rate
+        critic_lr = self.hparams.critic_learning_rate
+        if critic_lr is None:
+            critic_lr = self.hparams.learning_rate
         optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.hparams.learning_rate},
@@ -339,12 +347,31 @@ class PPOModule(LightningModule):
             eps=1e-5,
             weight_decay=0.0,
         )
-        iterations = self.hparams.max_iterations or self.trainer.estimated_stepping_batches
-        if self.hparams.max_iterations is not None and self.trainer.max_steps == -1:
-            iterations = min(iterations, self.trainer.estimated_stepping_batches)
-        total = int(iterations) * self.ppo.epochs * self.ppo.num_minibatches
+        steps_per_iteration = self.ppo.epochs * self.ppo.num_minibatches
+        total = steps_per_iteration * self.planned_iterations()
         scheduler = warmup_schedule(optimizer, self.hparams.lr_scheduler, 0, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def planned_iterations(self) -> int:
+        """PPO iterations this fit will run: the least of ``max_iterations``, the Trainer's
+        ``max_steps`` (optimiser steps) and the prompt batches of ``max_epochs``."""
+        steps_per_iteration = self.ppo.epochs * self.ppo.num_minibatches
+        limits = [] if self.hparams.max_iterations is None else [self.hparams.max_iterations]
+        if self.trainer.max_steps > 0:
+            limits.append(math.ceil(self.trainer.max_steps / steps_per_iteration))
+        else:  # under manual optimisation this counts training batches, i.e. iterations
+            limits.append(int(self.trainer.estimated_stepping_batches))
+        return max(1, min(limits))
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise UserInputError(
+                f"PPOModule does not support {type(self.trainer.strategy).__name__} yet: generation "
+                "inside training_step breaks under FSDP1, and FSDP2 sharding is not applied by the "
+                "package yet; use strategy=ddp or deepspeed (see docs/scaling.md)"
+            )
 
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()

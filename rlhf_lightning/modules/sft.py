@@ -93,10 +93,14 @@ class SFTModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training and validation loss of a batch: override for another objective."""
+        return causal_lm_loss(logits, labels)
+
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
-        return causal_lm_loss(logits, labels), logits[:, :-1], labels[:, 1:]
+        return self.loss(logits, labels), logits[:, :-1], labels[:, 1:]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits, targets = self._step(batch)

@@ -1,0 +1,89 @@
+"""The one-command pipeline on tiny settings: report, summary, skipping, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_stage_configs(run: Path) -> Path:
+    """The demo's stage configs, shrunk to seconds and pointed into ``run``."""
+    configs = {name: yaml.safe_load((ROOT / f"configs/demo/{name}.yaml").read_text()) for name in ("sft", "reward", "ppo")}
+    for name, config in configs.items():
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
+        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / name / "checkpoints")
+    sft, reward, ppo = configs["sft"], configs["reward"], configs["ppo"]
+    sft["trainer"].update(max_steps=30, val_check_interval=15)
+    sft["model"]["init_args"].update(model_name_or_path="preset:micro-gpt2", export_dir=str(run / "sft/model"),
+                                     warmup_steps=3)
+    sft["data"]["init_args"].update(batch_size=8)
+    reward["trainer"].update(max_steps=10, val_check_interval=10)
+    reward["model"]["init_args"].update(export_dir=str(run / "reward/model"))
+    reward["data"]["init_args"].update(batch_size=8, val_batch_size=100)
+    ppo["trainer"].update(val_check_interval=2, limit_val_batches=1)
+    ppo["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 4
+    ppo["model"]["init_args"].update(max_iterations=2, policy_export_dir=str(run / "ppo/policy"),
+                                     critic_export_dir=str(run / "ppo/critic"))
+    ppo["model"]["init_args"]["generation"]["max_new_tokens"] = 16
+    ppo["model"]["init_args"]["ppo"].update(epochs=1, num_minibatches=2)
+    ppo["data"]["init_args"].update(batch_size=8, val_batch_size=8)
+    for name, config in configs.items():
+        (run / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    pipeline = {"run_dir": str(run), "sft": str(run / "sft.yaml"), "reward": str(run / "reward.yaml"),
+                "ppo": str(run / "ppo.yaml"), "eval_prompts": str(write_prompts(run / "eval.jsonl"))}
+    path = run / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return path
+
+
+def write_prompts(path: Path) -> Path:
+    from rlhf_lightning.tasks import SentimentTask
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in SentimentTask(5).prompt_records(16, "val")))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for run in (first, second):
+        run.mkdir()
+        assert main(["pipeline", "--config", str(tiny_stage_configs(run))]) == 0
+    summary = json.loads((first / "summary.json").read_text())
+    assert 0.0 <= summary["gold_win_rate"] <= 1.0
+    assert summary["comparison"]["num_prompts"] == 16
+    assert summary["sft"]["val/loss"] is not None and "val/accuracy" in summary["reward"]
+    report = (first / "report.md").read_text()
+    assert "gold win rate" in report and "## Samples" in report
+    for plot in ("ppo_scores.png", "ppo_kl.png", "sft_loss.png"):
+        assert (first / plot).stat().st_size > 1000, plot
+    for stage in ("sft", "reward", "ppo"):  # one TensorBoard sub-run per stage
+        assert list((first / stage).glob("events.out.tfevents*")), stage
+
+    # Same seed, separate runs: the same numbers.
+    other = json.loads((second / "summary.json").read_text())
+    assert other["comparison"] == summary["comparison"]
+    assert other["ppo"] == summary["ppo"]
+
+    # A second run in the same folder skips the finished stages and reports the same numbers.
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(first / "pipeline.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("is complete, skipping") == 3
+    assert json.loads((first / "summary.json").read_text())["comparison"] == summary["comparison"]
+
+
+def test_pipeline_rejects_unknown_stage_and_key(tmp_path: Path, capsys):
+    config = tmp_path / "p.yaml"
+    config.write_text("run_dir: x\nrdeo: [sft]\n")
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--config", str(config)])
+    assert "rdeo" in capsys.readouterr().err
