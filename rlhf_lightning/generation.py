@@ -18,6 +18,7 @@ from .data.encoding import attention_mask_for, encode_prompt, pad
 def sampling_config(
     tokenizer: PreTrainedTokenizerBase,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -29,6 +30,7 @@ def sampling_config(
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
         top_k=top_k if do_sample else None,

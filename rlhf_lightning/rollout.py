@@ -28,6 +28,7 @@ class GenerationSettings:
     """How responses are sampled; the same ``temperature`` rescales logits for log-probs."""
 
     max_new_tokens: int = 48
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

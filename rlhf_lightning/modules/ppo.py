@@ -290,6 +290,8 @@ class PPOModule(LightningModule):
             "val/clipfrac_avg": vf_clipfrac,
             "val/ratio": pg.ratio_mean,
             "val/ratio_var": pg.ratio_var,
+            # |logp - old_logp| before any update must be ~0: checked on the first minibatch
+            "logprob_dev_max": (logprobs.detach() - mini.logprobs).abs().masked_fill(~mask, 0.0).max(),
         }
         return loss, stats
 
@@ -315,8 +317,9 @@ class PPOModule(LightningModule):
             for step in range(micro_batches):
                 mini = rollout.select(order[step * micro_size : (step + 1) * micro_size])
                 loss, stats = self.minibatch_loss(mini)
+                deviation = stats.pop("logprob_dev_max")
                 if epoch == 0 and step == 0:
-                    stats["policy/first_ratio_dev"] = self._first_ratio_deviation(mini)
+                    stats["policy/first_ratio_dev"] = deviation
                 self.manual_backward(loss / settings.gradient_accumulation_steps)
                 if (step + 1) % settings.gradient_accumulation_steps == 0:
                     self.clip_gradients(optimizer, gradient_clip_val=settings.max_grad_norm, gradient_clip_algorithm="norm")
@@ -326,14 +329,6 @@ class PPOModule(LightningModule):
                 for name, value in stats.items():
                     collected[name].append(value.detach().float())
         return {name: torch.stack(values).mean() for name, values in collected.items()}
-
-    @torch.no_grad()
-    def _first_ratio_deviation(self, mini: RolloutBatch) -> Tensor:
-        logprobs, _ = response_logprobs(
-            self.policy, mini.input_ids, mini.attention_mask, mini.response_ids.shape[1], self.generation.temperature
-        )
-        deviation = (logprobs - mini.logprobs).abs().masked_fill(~mini.response_mask, 0.0)
-        return deviation.max()
 
     def configure_optimizers(self) -> dict[str, Any]:
         critic_lr = self.hparams.critic_learning_rate

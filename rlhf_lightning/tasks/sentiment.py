@@ -74,7 +74,10 @@ MAX_COMPLETION_CHARS = 80
 MAX_TEXT_BYTES = 120  # prompt + completion is always strictly shorter, in UTF-8 bytes
 #: Bradley-Terry temperature giving ~82-83% agreement between gold and its own noisy labels.
 DEFAULT_NOISE_TEMPERATURE = 0.4
-DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shuffled")
+DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shuffled", "typo", "run_on")
+#: How often each kind is drawn: misspellings and run-on text are what a tiny policy actually
+#: produces, so the preference data shows raters judging them most often.
+DEGENERATE_WEIGHTS = (1, 1, 1, 1, 1, 3, 2)
 DEFAULT_SIZES: dict[str, int] = {
     "sft_train": 4000, "sft_val": 200,
     "prefs_train": 4000, "prefs_val": 500,
@@ -209,7 +212,7 @@ def sample_completion(rng: random.Random, sentiment: str | None = None) -> str:
 
 def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
     """A non-fluent completion of the kind weak reward models over-rate (see ``DEGENERATE_KINDS``)."""
-    kind = kind or rng.choice(DEGENERATE_KINDS)
+    kind = kind or rng.choices(DEGENERATE_KINDS, weights=DEGENERATE_WEIGHTS)[0]
     while True:
         base = sample_completion(rng)
         if kind == "repeat_word":  # the classic hack: "great great great great."
@@ -228,6 +231,16 @@ def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
             words = base.replace(".", "").split()
             rng.shuffle(words)
             text = " " + " ".join(words) + "."
+        elif kind == "typo":  # one letter substituted, inserted or dropped inside one word
+            spans = [m.span() for m in _WORD.finditer(base) if m.end() - m.start() >= 3]
+            start, end = rng.choice(spans)
+            at = rng.randrange(start + 1, end)
+            letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
+            edit = rng.choice(("substitute", "insert", "drop"))
+            text = base[:at] + ("" if edit == "drop" else letter) + base[at + (edit != "insert") :]
+        elif kind == "run_on":  # a fluent review that does not stop: stray words after it
+            tail = [rng.choice(("the", "was", "and", "I")), rng.choice(NOUNS + ADJECTIVES)]
+            text = base + " " + " ".join(tail[: rng.randint(1, 2)]) + rng.choice((".", "", " the."))
         else:
             raise ValueError(f"kind must be one of {DEGENERATE_KINDS}, got {kind!r}")
         if not is_fluent(text) and len(text) <= MAX_COMPLETION_CHARS:
