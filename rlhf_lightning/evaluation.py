@@ -14,7 +14,6 @@ import torch
 
 from . import ppo_math as pm
 from .data.encoding import attention_mask_for, encode_prompt, pad
-from .generation import decode_responses
 from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from .rewards import RewardModelScorer
 from .rollout import GenerationSettings, Responses, RolloutLoop, response_logprobs
@@ -41,8 +40,7 @@ class PolicyComparison:
 
 
 def sample_responses(
-    loop: RolloutLoop, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-    prompts: list[str], seed: int,
+    loop: RolloutLoop, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
 ) -> Responses:
     """Responses of ``model`` sampled with ``loop``'s settings under a fixed ``seed``.
 
@@ -52,8 +50,7 @@ def sample_responses(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         response_ids, response_mask = replace(loop, policy=model).generate(prompt_ids, prompt_mask)
-    tokenizer = loop.tokenizer
-    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, prompts, decode_responses(tokenizer, response_ids))
+    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, loop.tokenizer)
 
 
 def gold_judgements(prompts: list[str], completions: list[str], baseline_completions: list[str]) -> dict[str, list[float]]:
@@ -99,8 +96,8 @@ def compare_policies(
         chunk = prompts[start : start + batch_size]
         ids = [encode_prompt(tokenizer, p) for p in chunk]
         prompt_ids, prompt_mask = pad(ids, tokenizer.pad_token_id, "left"), attention_mask_for(ids, "left")
-        mine = sample_responses(loop, policy, prompt_ids, prompt_mask, chunk, seed + start)
-        theirs = sample_responses(loop, baseline, prompt_ids, prompt_mask, chunk, seed + start)
+        mine = sample_responses(loop, policy, prompt_ids, prompt_mask, seed + start)
+        theirs = sample_responses(loop, baseline, prompt_ids, prompt_mask, seed + start)
         scores = scorer(mine).tolist() if scorer else [None] * len(chunk)
         baseline_scores = scorer(theirs).tolist() if scorer else [None] * len(chunk)
         kls += sequence_kl(policy, baseline, mine, loop.generation.temperature).tolist()

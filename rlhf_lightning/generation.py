@@ -60,9 +60,14 @@ def generate_responses(
     return sequences[:, prompt_ids.shape[1] :]
 
 
-def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: torch.Tensor) -> list[str]:
-    """Texts of responses, without EOS or padding."""
-    return tokenizer.batch_decode(responses, skip_special_tokens=True)
+def decode_responses(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:
+    """Texts of ``(b, t)`` token ids, without special tokens or padding.
+
+    Ids beyond the tokenizer (a model whose embedding matrix is padded past ``len(tokenizer)``
+    can sample them) have no text and are dropped instead of failing.
+    """
+    size = len(tokenizer)
+    return tokenizer.batch_decode([[i for i in row if i < size] for row in ids.tolist()], skip_special_tokens=True)
 
 
 def sample_texts(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -39,16 +40,24 @@ class Responses:
     """What a reward source sees: token ids with masks, and the decoded texts.
 
     ``prompt_ids``/``prompt_mask`` ``(b, p)`` are left-padded; ``response_ids``/``response_mask``
-    ``(b, r)`` hold the response up to and including its first EOS; ``completions`` are the
-    response texts without EOS or padding.
+    ``(b, r)`` hold the response up to and including its first EOS. ``prompts`` and
+    ``completions`` (the texts, without special tokens or padding) are decoded on first use,
+    so a reward that reads only ids never pays for decoding.
     """
 
     prompt_ids: Tensor
     prompt_mask: Tensor
     response_ids: Tensor
     response_mask: Tensor
-    prompts: list[str]
-    completions: list[str]
+    tokenizer: PreTrainedTokenizerBase
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        return decode_responses(self.tokenizer, self.prompt_ids)
+
+    @cached_property
+    def completions(self) -> list[str]:
+        return decode_responses(self.tokenizer, self.response_ids)
 
     @property
     def input_ids(self) -> Tensor:
@@ -207,11 +216,7 @@ class RolloutLoop:
             for x in self.forward_statistics(input_ids, attention_mask, response_ids.shape[1])
         )
 
-        responses = Responses(
-            prompt_ids, prompt_mask, response_ids, response_mask,
-            prompts=self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True),
-            completions=decode_responses(self.tokenizer, response_ids),
-        )
+        responses = Responses(prompt_ids, prompt_mask, response_ids, response_mask, self.tokenizer)
         with torch.no_grad():
             scores = self.score_fn(responses).to(logprobs.device, torch.float32)
         if scores.shape != (len(responses.completions),):

@@ -375,10 +375,10 @@ class PPOModule(LightningModule):
         compare: reward score, KL to the reference, and with ``gold_annotator`` the gold score,
         fluency and the gold win rate of the policy over the reference."""
         loop = self.rollout_loop()
-        prompts = self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
         seed = self.hparams.seed * 100_003 + batch_idx
-        policy = sample_responses(loop, self.policy, batch["prompt_ids"], batch["prompt_mask"], prompts, seed)
-        reference = sample_responses(loop, self.reference, batch["prompt_ids"], batch["prompt_mask"], prompts, seed)
+        policy = sample_responses(loop, self.policy, batch["prompt_ids"], batch["prompt_mask"], seed)
+        reference = sample_responses(loop, self.reference, batch["prompt_ids"], batch["prompt_mask"], seed)
+        prompts = policy.prompts
         scores, ref_scores = self.compute_scores(policy).float(), self.compute_scores(reference).float()
         m = self.eval_metrics
         m["score"].update(scores)

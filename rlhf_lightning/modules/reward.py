@@ -72,9 +72,9 @@ class RewardModule(LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "preset:tiny-gpt2",
-        learning_rate: float = 1e-4,
+        learning_rate: float = 3e-4,
         weight_decay: float = 0.0,
-        adam_betas: tuple[float, float] = (0.9, 0.95),
+        adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 20,
         lr_scheduler: str = "cosine",
         centering_coef: float = 0.0,
