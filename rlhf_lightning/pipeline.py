@@ -131,11 +131,18 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     )
     scalars = read_scalars(Path(config.run_dir))
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
+    reward = {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/")}
+    if config.gold_annotator:
+        from .tasks import label_agreement
+
+        # The accuracy a perfect reward model would reach on the noisy held-out labels.
+        held_out = SentimentTask(config.seed).preference_records(DEFAULT_SIZES["prefs_val"], "val")
+        reward["label_ceiling"] = label_agreement(held_out)
     summary = {
         "gold_win_rate": comparison.gold_win_rate,
         "comparison": comparison.to_dict(),
         "sft": {k: final.get("sft", {}).get(k) for k in ("val/loss", "val/token_accuracy", "val/perplexity")},
-        "reward": {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/")},
+        "reward": reward,
         "ppo": {k: v for k, v in final.get("ppo", {}).items() if k.startswith(("eval/", "objective/"))},
         "samples": rows[:8],
     }
@@ -151,6 +158,7 @@ def print_table(summary: dict[str, Any]) -> None:
     lines = [
         ("SFT val loss", summary["sft"].get("val/loss")),
         ("RM val accuracy", summary["reward"].get("val/accuracy")),
+        ("RM ceiling (gold vs noisy labels)", summary["reward"].get("label_ceiling")),
         ("RM gold accuracy", summary["reward"].get("val/gold_accuracy")),
         ("gold win rate PPO vs SFT", c["gold_win_rate"]),
         ("gold score PPO / SFT", f"{fmt(c['gold_score'])} / {fmt(c['baseline_gold_score'])}"),

@@ -92,8 +92,10 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
         "## Stages",
         "",
         f"- SFT validation loss: {fmt(summary['sft'].get('val/loss'))}",
-        f"- Reward model: held-out accuracy {fmt(summary['reward'].get('val/accuracy'))}, "
-        f"accuracy against the gold annotator {fmt(summary['reward'].get('val/gold_accuracy'))}",
+        f"- Reward model: held-out accuracy {fmt(summary['reward'].get('val/accuracy'))} "
+        f"(ceiling set by label noise: {fmt(summary['reward'].get('label_ceiling'))}), "
+        f"accuracy against the gold annotator {fmt(summary['reward'].get('val/gold_accuracy'))}, "
+        f"Spearman with gold scores {fmt(summary['reward'].get('val/gold_spearman'))}",
         "",
     ]
     if images:

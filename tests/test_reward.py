@@ -263,6 +263,27 @@ def test_cli_reports_bad_preference_record(tmp_path: Path, byte_gpt2_dir: Path, 
     assert not (tmp_path / "export").exists()
 
 
+def test_cli_reports_bad_normalize_file_before_training(tmp_path: Path, byte_gpt2_dir: Path, capsys):
+    train = write_lines(tmp_path / "train.jsonl", _pairs(4))
+    demos = write_lines(tmp_path / "demos.jsonl", [DEMOS[0], {"prompt": "Review: x", "completion": ""}])
+    config = _demo_config(tmp_path, str(byte_gpt2_dir), train)
+    args = ["fit", "--config", str(config), "--trainer.max_steps=1", "--model.init_args.normalize_file", str(demos)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{demos}:2: field 'completion': empty string" in err
+    assert not (tmp_path / "ckpt").exists()  # failed before the first training step
+
+
+def test_user_files_without_normalize_file_keep_offset_zero(tmp_path: Path, byte_gpt2_dir: Path):
+    train = write_lines(tmp_path / "train.jsonl", _pairs(4))
+    module = RewardModule(str(byte_gpt2_dir), export_dir=None)
+    data = PreferenceDataModule(train_file=str(train), val_fraction=0.0, batch_size=4)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="reward_offset stays 0.0"):
+        trainer.fit(module, datamodule=data)
+    assert module.reward_offset is None and module.model.config.reward_offset == 0.0
+
+
 def test_demo_config_fast_dev_run(tmp_path: Path, monkeypatch, byte_gpt2_dir: Path):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(ROOT / "configs/demo/reward.yaml"), "--trainer.fast_dev_run=true",

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.regression import SpearmanCorrCoef
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,8 +62,10 @@ class RewardModule(LightningModule):
         gradient_checkpointing: trade compute for memory on large models.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         normalize: store the mean reward of SFT demonstrations as ``reward_offset``.
-        normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on;
-            None uses the built-in task's SFT val split.
+        normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on
+            (read, and checked, before training starts); None uses the built-in task's SFT val
+            split when training on the built-in task, and leaves the offset at 0.0 (with a
+            warning) for user preference files.
         normalize_max_length: token budget of those sequences (None: the datamodule's
             ``max_length``, else 256).
         score_batch_size: rows per forward when scoring without grad (normalisation).
@@ -92,6 +94,7 @@ class RewardModule(LightningModule):
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
         self._gold_seen = False
+        self._normalization_records: list[Record] | None = None
         self.train_accuracy = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -221,15 +224,23 @@ class RewardModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- normalisation and export -------------------------------------------------------
-    def normalization_records(self) -> list[Record]:
-        """SFT demonstrations whose mean reward becomes 0: ``normalize_file`` or the built-in
-        task's SFT val split (seeded like the datamodule)."""
+    def setup(self, stage: str) -> None:
+        # Read normalize_file now, so that a bad record fails before training, not after.
+        if stage == "fit" and self.hparams.normalize and self.hparams.normalize_file:
+            self._normalization_records = read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
+
+    def normalization_records(self) -> list[Record] | None:
+        """SFT demonstrations whose mean reward becomes 0: ``normalize_file``, else the built-in
+        task's SFT val split when training on the built-in task (seeded like the datamodule);
+        None for user preference files without a ``normalize_file``."""
         if self.hparams.normalize_file:
-            return read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
+            return self._normalization_records or read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "train_file", None) is not None:
+            return None
         from ..tasks import DEFAULT_SIZES, SentimentTask
 
-        seed = getattr(getattr(self.trainer, "datamodule", None), "seed", 0)
-        return SentimentTask(seed=seed).sft_records(DEFAULT_SIZES["sft_val"], split="val")
+        return SentimentTask(seed=getattr(datamodule, "seed", 0)).sft_records(DEFAULT_SIZES["sft_val"], split="val")
 
     def compute_reward_offset(self, records: list[Record]) -> float:
         """Mean raw reward of prompt+completion+EOS sequences (encoded as preference pairs are)."""
@@ -244,12 +255,19 @@ class RewardModule(LightningModule):
 
     def on_fit_end(self) -> None:
         trainer = self.trainer
-        if self.hparams.normalize and not trainer.fast_dev_run:
-            self.reward_offset = self.compute_reward_offset(self.normalization_records())
-            setattr(self.model.config, REWARD_OFFSET_KEY, self.reward_offset)
-            rank_zero_info(f"reward_offset (mean reward of SFT demonstrations): {self.reward_offset:.4f}")
-            for logger in trainer.loggers:
-                logger.log_metrics({"reward_offset": self.reward_offset}, step=trainer.global_step)
+        if self.hparams.normalize and not trainer.fast_dev_run:  # a smoke run exports nothing
+            records = self.normalization_records()
+            if records is None:
+                rank_zero_warn(
+                    "normalize=True but there are no SFT demonstrations to normalise on (user preference "
+                    "files and no normalize_file): reward_offset stays 0.0"
+                )
+            else:
+                self.reward_offset = self.compute_reward_offset(records)
+                setattr(self.model.config, REWARD_OFFSET_KEY, self.reward_offset)
+                rank_zero_info(f"reward_offset (mean reward of SFT demonstrations): {self.reward_offset:.4f}")
+                for logger in trainer.loggers:
+                    logger.log_metrics({"reward_offset": self.reward_offset}, step=trainer.global_step)
         # Plain Hugging Face use (tokenizer(..., padding=True) then model(**batch)) is correct with
         # right padding: HF pools at the rightmost non-pad token and GPT-2 numbers positions 0..t-1.
         self.tokenizer.padding_side = "right"
