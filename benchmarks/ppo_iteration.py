@@ -66,7 +66,6 @@ def main() -> None:
             policy=str(policy), reward_model=str(reward), learning_rate=1e-4, max_iterations=ENV["ITERS"],
             generation=GenerationSettings(max_new_tokens=ENV["RESPONSE_LEN"], min_new_tokens=ENV["RESPONSE_LEN"]),
             ppo=PPOSettings(epochs=ENV["PPO_EPOCHS"], num_minibatches=ENV["MINIBATCHES"]),
-            forward_batch_size=ENV["BATCH"], reward_batch_size=ENV["BATCH"],
             policy_export_dir=None, critic_export_dir=None,
         )
         timer = IterationTimer()

@@ -166,7 +166,7 @@ class RolloutLoop:
     missing_eos_penalty: float | None = None
     missing_eos_mode: str = "replace"
     score_clip: float | None = None
-    forward_batch_size: int = 64
+    forward_batch_size: int = 16
     all_reduce: Callable[[Tensor], Tensor] | None = None
     synced_gpus: bool = False
 

@@ -132,7 +132,7 @@ class PPOModule(LightningModule):
         kl: KLSettings = KLSettings(),
         scores: ScoreSettings = ScoreSettings(),
         max_iterations: int | None = None,
-        forward_batch_size: int = 64,
+        forward_batch_size: int = 16,
         reward_batch_size: int = 64,
         policy_export_dir: str | None = "outputs/ppo/policy",
         critic_export_dir: str | None = "outputs/ppo/critic",
@@ -268,8 +268,12 @@ class PPOModule(LightningModule):
             "val/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask),
         }
 
-    def minibatch_loss(self, mini: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy."""
+    def minibatch_loss(self, mini: RolloutBatch, with_entropy: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy.
+
+        The entropy needs a softmax over the whole vocabulary; without an entropy bonus it is
+        only a statistic, computed when ``with_entropy`` (the first epoch's minibatches).
+        """
         response_length = mini.response_ids.shape[1]
         logprobs, logits = response_logprobs(
             self.policy, mini.input_ids, mini.attention_mask, response_length, self.generation.temperature
@@ -278,13 +282,16 @@ class PPOModule(LightningModule):
         mask = mini.response_mask
         pg_loss, pg = pm.policy_loss(logprobs, mini.logprobs, mini.advantages, mask, self.ppo.cliprange)
         vf_loss, vf_clipfrac = pm.value_loss(values, mini.values, mini.returns, mask, self.ppo.cliprange_value)
-        with torch.set_grad_enabled(self.ppo.entropy_coef > 0):
-            entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.generation.temperature), mask)
-        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.entropy_coef * entropy
-        stats = {
+        loss = pg_loss + self.ppo.vf_coef * vf_loss
+        stats = {}
+        if with_entropy or self.ppo.entropy_coef > 0:
+            with torch.set_grad_enabled(self.ppo.entropy_coef > 0):
+                entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.generation.temperature), mask)
+            loss = loss - self.ppo.entropy_coef * entropy
+            stats["policy/entropy_avg"] = entropy.detach()
+        stats.update({
             "policy/approxkl_avg": pg.approxkl,
             "policy/clipfrac_avg": pg.clipfrac,
-            "policy/entropy_avg": entropy.detach(),
             "loss/policy_avg": pg_loss.detach(),
             "loss/value_avg": vf_loss.detach(),
             "val/clipfrac_avg": vf_clipfrac,
@@ -292,7 +299,7 @@ class PPOModule(LightningModule):
             "val/ratio_var": pg.ratio_var,
             # |logp - old_logp| before any update must be ~0: checked on the first minibatch
             "logprob_dev_max": (logprobs.detach() - mini.logprobs).abs().masked_fill(~mask, 0.0).max(),
-        }
+        })
         return loss, stats
 
     def ppo_update(self, rollout: RolloutBatch) -> dict[str, Tensor]:
@@ -316,7 +323,7 @@ class PPOModule(LightningModule):
             order = torch.randperm(batch_size, device=rollout.response_ids.device)
             for step in range(micro_batches):
                 mini = rollout.select(order[step * micro_size : (step + 1) * micro_size])
-                loss, stats = self.minibatch_loss(mini)
+                loss, stats = self.minibatch_loss(mini, with_entropy=epoch == 0)
                 deviation = stats.pop("logprob_dev_max")
                 if epoch == 0 and step == 0:
                     stats["policy/first_ratio_dev"] = deviation
