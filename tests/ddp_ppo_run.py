@@ -6,7 +6,6 @@ Each rank writes a checksum of its policy weights and its number of optimiser st
 import sys
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from rlhf_lightning.data import PromptDataModule

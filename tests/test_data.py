@@ -20,7 +20,7 @@ from rlhf_lightning.data import (
     read_prompts,
     read_sft,
 )
-from rlhf_lightning.models import byte_tokenizer, load_tokenizer
+from rlhf_lightning.models import byte_tokenizer
 
 from .conftest import write_lines
 

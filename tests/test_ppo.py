@@ -183,9 +183,6 @@ def test_adaptive_kl_and_resume_restore_state(tmp_path: Path, byte_gpt2_dir: Pat
                       enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     seen = {}
 
-    class Spy(torch.nn.Module):
-        pass
-
     original = resumed.ppo_update
 
     def spy(rollout):

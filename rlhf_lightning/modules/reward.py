@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.regression import SpearmanCorrCoef
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from ..data.encoding import attention_mask_for, encode_preference, pad
 from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
-from ..models import load_sequence_scorer, load_tokenizer
-from ..optim import adamw, warmup_schedule
+from ..models import load_sequence_scorer
 from ..reward_scoring import REWARD_OFFSET_KEY, bradley_terry_loss, score_sequences, sequence_rewards
+from .base import HFModelModule
 from .export import export_at_fit_end
 
 
@@ -35,7 +33,7 @@ def _check_prompt_completion(record: Record, path: str, line: int) -> Record:
     return record
 
 
-class RewardModule(LightningModule):
+class RewardModule(HFModelModule):
     """Trains a scalar-head reward model on preference pairs and exports a Hugging Face folder.
 
     Each batch (from :class:`~rlhf_lightning.data.PreferenceDataModule`) holds the chosen rows
@@ -89,7 +87,6 @@ class RewardModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self._tokenizer: PreTrainedTokenizerBase | None = None
         self.model: PreTrainedModel | None = None
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
@@ -104,22 +101,13 @@ class RewardModule(LightningModule):
         self.val_gold_accuracy = MeanMetric()
         self.val_gold_spearman = SpearmanCorrCoef()
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """Loaded on first use, so that building the module from a config stays cheap."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
-        return self._tokenizer
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model = load_sequence_scorer(self.hparams.model_name_or_path, self.tokenizer)
         # An offset from an earlier reward model would be stale once training changes the model.
         setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
-        if self.hparams.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-            self.model.config.use_cache = False
+        self.prepare_model(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw rewards ``(b,)`` of the rows, with grad."""
@@ -213,15 +201,6 @@ class RewardModule(LightningModule):
         ):
             metric.reset()
         self._gold_seen = False
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = adamw(
-            self.model.named_parameters(), self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.adam_betas
-        )
-        scheduler = warmup_schedule(
-            optimizer, self.hparams.lr_scheduler, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- normalisation and export -------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from ..data.encoding import IGNORE_INDEX
 from ..generation import sample_texts
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_causal_lm
+from .base import HFModelModule
 from .export import export_at_fit_end
-from ..optim import adamw, warmup_schedule
 from ..text_logging import log_text_samples
 
 
@@ -33,7 +31,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-class SFTModule(LightningModule):
+class SFTModule(HFModelModule):
     """Fine-tunes ``model_name_or_path`` on demonstrations and exports a Hugging Face folder.
 
     The loss covers completion tokens only (prompt tokens and non-assistant chat turns carry
@@ -67,24 +65,14 @@ class SFTModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self._tokenizer: PreTrainedTokenizerBase | None = None
         self.model: PreTrainedModel | None = None
         self.val_loss = MeanMetric()
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """Loaded on first use, so that building the module from a config stays cheap."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
-        return self._tokenizer
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
-        if self.hparams.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-            self.model.config.use_cache = False
+        self.prepare_model(self.model)
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.train_accuracy = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
         self.val_accuracy = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
@@ -142,15 +130,6 @@ class SFTModule(LightningModule):
         completions = sample_texts(self.model, self.tokenizer, prompts, self.hparams.sample_max_new_tokens)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
         log_text_samples(self.trainer, "samples/sft", rows)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = adamw(
-            self.model.named_parameters(), self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.adam_betas
-        )
-        scheduler = warmup_schedule(
-            optimizer, self.hparams.lr_scheduler, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_end(self) -> None:
         export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer)

@@ -1,0 +1,44 @@
+"""What the SFT and reward stages share: one Hugging Face model named by
+``model_name_or_path``, its tokenizer, and AdamW with a warmup schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models import load_tokenizer
+from ..optim import adamw, warmup_schedule
+
+
+class HFModelModule(LightningModule):
+    """Base of a stage that fine-tunes ``self.model`` (built in ``configure_model``).
+
+    Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
+    ``learning_rate``, ``weight_decay``, ``adam_betas``, ``warmup_steps``, ``lr_scheduler`` and
+    ``gradient_checkpointing``.
+    """
+
+    model: PreTrainedModel | None
+    _tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """Loaded on first use, so that building the module from a config stays cheap."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        return self._tokenizer
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Apply the module-wide model options (gradient checkpointing)."""
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return model
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = adamw(self.model.named_parameters(), hp.learning_rate, hp.weight_decay, hp.adam_betas)
+        scheduler = warmup_schedule(optimizer, hp.lr_scheduler, hp.warmup_steps, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
