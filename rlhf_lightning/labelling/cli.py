@@ -1,0 +1,145 @@
+"""``rlhf-lightning label`` (serve the labelling page) and ``rlhf-lightning label export``.
+
+Bad input (candidates file, prompts file, policy folder, port in use, a public address without
+a token) raises :class:`~rlhf_lightning.errors.UserInputError`, which the main command prints
+on one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..data.records import read_prompts
+from ..errors import UserInputError
+from .candidates import CandidateGenerator, CandidatePool, SamplingSettings, check_policy, read_candidates
+from .export import KEEP_CHOICES, export_annotations
+from .storage import AnnotationLog
+
+TOKEN_ENV = "RLHF_LABEL_TOKEN"
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-lightning label",
+        description="Collect preference judgements in the browser. Subcommand: "
+                    "'rlhf-lightning label export --help' turns them into preference pairs.",
+    )
+    source = parser.add_argument_group("candidates: --candidates FILE, or --policy DIR with --prompts FILE")
+    source.add_argument("--candidates", help='JSONL of {"prompt", "responses": [...]} to label')
+    source.add_argument("--policy", help="model folder (or preset) to sample candidates from")
+    source.add_argument("--prompts", help='JSONL of {"prompt"} (or {"messages"}) records to sample for')
+    source.add_argument("--candidates-out", help="where sampled candidates are kept "
+                        "(default: next to --annotations, ending in .candidates.jsonl)")
+    sampling = parser.add_argument_group("sampling (with --policy)")
+    sampling.add_argument("--k", type=int, default=2, help="responses per prompt; more than 2 are ranked")
+    sampling.add_argument("--max-new-tokens", type=int, default=64)
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + index)")
+    parser.add_argument("--annotations", required=True, help="annotations JSONL (appended to; resumed from)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; anything but loopback serves other machines and needs a token")
+    server.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    server.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"access token (default: ${TOKEN_ENV}; generated when --host is not loopback)")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-lightning label export",
+        description="Turn annotations into preference pairs for the reward stage; print agreement.",
+    )
+    parser.add_argument("--annotations", required=True, help="annotations JSONL written by 'rlhf-lightning label'")
+    parser.add_argument("--out", required=True, help="preference JSONL to write")
+    parser.add_argument("--ties", choices=KEEP_CHOICES, default="drop", help="flag: keep ties with \"tie\": true")
+    parser.add_argument("--skips", choices=KEEP_CHOICES, default="drop",
+                        help="flag: keep skips with \"skipped\": true")
+    return parser
+
+
+def build_pool(options: argparse.Namespace) -> tuple[CandidatePool, CandidateGenerator | None]:
+    """The candidate pool, and the generator thread that fills it when sampling (not started)."""
+    if options.candidates and options.policy:
+        raise UserInputError("give either --candidates or --policy with --prompts, not both")
+    if options.candidates:
+        return CandidatePool(read_candidates(options.candidates)), None
+    if not options.policy or not options.prompts:
+        raise UserInputError("nothing to label: pass --candidates FILE, or --policy DIR with --prompts FILE")
+    check_policy(options.policy)
+    settings = SamplingSettings(k=options.k, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    annotations = Path(options.annotations)
+    out = options.candidates_out or annotations.with_name(annotations.stem + ".candidates.jsonl")
+    prompts = read_prompts(options.prompts)
+    pool = CandidatePool(expected=len(prompts))
+    return pool, CandidateGenerator(options.policy, prompts, out, pool, settings)
+
+
+def make_server(app: Any, host: str, port: int) -> Any:
+    """Bind a threaded Werkzeug server; a port in use is a one-line error."""
+    from werkzeug.serving import make_server as werkzeug_server
+
+    try:
+        return werkzeug_server(host, port, app, threaded=True)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise UserInputError(f"port {port} on {host} is in use; hint: pass another --port, or --port 0 "
+                                 "to pick a free one") from err
+        raise UserInputError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+
+
+def serve_command(argv: Sequence[str]) -> int:
+    options = serve_parser().parse_args(list(argv))
+    try:
+        from .app import LabelSession, create_app, is_loopback
+    except ImportError as err:
+        raise UserInputError(f"the label command needs Flask ({err}); "
+                             "hint: pip install 'rlhf-lightning[label]'") from err
+    token = options.token
+    if not is_loopback(options.host) and not token:
+        token = secrets.token_urlsafe(16)
+    pool, generator = build_pool(options)
+    session = LabelSession(pool=pool, log=AnnotationLog(options.annotations), token=token, seed=options.seed)
+    server = make_server(create_app(session), options.host, options.port)
+    shown_host = f"[{options.host}]" if ":" in options.host else options.host
+    address = f"http://{shown_host}:{server.server_port}/" + (f"?token={token}" if token else "")
+    if generator is not None:
+        generator.start()
+        print(f"sampling candidates in the background into {generator.out.path}", flush=True)
+    print(f"labelling {pool.total} items; annotations go to {options.annotations}", flush=True)
+    print(f"open {address}  (Ctrl-C stops; every submitted label is already on disk)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if generator is not None:
+            generator.stop()
+        server.server_close()
+    return 0
+
+
+def export_command(argv: Sequence[str]) -> int:
+    options = export_parser().parse_args(list(argv))
+    summary = export_annotations(options.annotations, options.out, ties=options.ties, skips=options.skips)
+    print(f"{summary.pairs} preference pairs from {summary.judgements} judgements -> {options.out}")
+    for line in summary.agreement.lines():
+        print(line)
+    return 0
+
+
+def label_command(argv: Sequence[str]) -> int:
+    """``rlhf-lightning label ...``: ``export`` as first argument exports, anything else serves."""
+    argv = list(argv)
+    if argv[:1] == ["export"]:
+        return export_command(argv[1:])
+    return serve_command(argv)
