@@ -6,6 +6,8 @@
   same way.
 * ``rlhf-lightning pipeline --config configs/demo/pipeline.yaml``: SFT -> reward -> PPO and a report.
 * ``rlhf-lightning task --out DIR``: write the built-in task's JSONL files, to see the formats.
+* ``rlhf-lightning label ...`` / ``label export ...``: collect preferences in the browser
+  (:mod:`rlhf_lightning.labelling`).
 
 Errors in the user's data or model paths end the command with a one-line message naming the
 file, line and field (exit status 2) instead of a traceback.
@@ -68,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pipeline import pipeline_command
 
             return pipeline_command(args[1:])
+        if args[:1] == ["label"]:
+            from .labelling.cli import label_command
+
+            return label_command(args[1:])
         RLHFCLI(args=None if argv is None else args)
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)

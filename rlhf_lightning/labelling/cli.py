@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import secrets
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,17 @@ def build_pool(options: argparse.Namespace) -> tuple[CandidatePool, CandidateGen
 
 
 def make_server(app: Any, host: str, port: int) -> Any:
-    """Bind a threaded Werkzeug server; a port in use is a one-line error."""
+    """A threaded Werkzeug server on a socket bound here, so a port in use is a one-line error
+    (Werkzeug's own bind prints and exits instead)."""
     from werkzeug.serving import make_server as werkzeug_server
 
     try:
-        return werkzeug_server(host, port, app, threaded=True)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # still refuses a port in use
+            listener.bind(address)
+            listener.listen(128)
+            return werkzeug_server(host, listener.getsockname()[1], app, threaded=True, fd=listener.fileno())
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise UserInputError(f"port {port} on {host} is in use; hint: pass another --port, or --port 0 "
