@@ -66,13 +66,18 @@ def stage_outputs(config: PipelineConfig) -> dict[str, str]:
     return outputs
 
 
+# The pipeline runs a stage only when it means to replace the stage's output (``redo``, an
+# incomplete folder, or a changed earlier stage), so it lifts the stages' refusal to do so.
+OVERWRITE = "--model.init_args.overwrite_export=true"
+
+
 def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
     """``fit`` arguments of each stage, wired to the previous stages' exports."""
     return {
-        "sft": ["fit", "--config", config.sft],
-        "reward": ["fit", "--config", config.reward, f"--model.init_args.model_name_or_path={outputs['sft']}"],
+        "sft": ["fit", "--config", config.sft, OVERWRITE],
+        "reward": ["fit", "--config", config.reward, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}"],
         "ppo": [
-            "fit", "--config", config.ppo,
+            "fit", "--config", config.ppo, OVERWRITE,
             f"--model.init_args.policy={outputs['sft']}",
             # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
             *([] if _init_args(config.ppo).get("reward_fn") else [f"--model.init_args.reward_model={outputs['reward']}"]),

@@ -87,3 +87,17 @@ def test_pipeline_rejects_unknown_stage_and_key(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         main(["pipeline", "--config", str(config)])
     assert "rdeo" in capsys.readouterr().err
+
+
+def test_pipeline_reruns_stages_with_overwrite_export(tmp_path: Path, capsys):
+    """A stage the pipeline runs replaces its old output on purpose, so each command lifts the
+    stages' refusal to overwrite a finished export folder, and each stage accepts the key."""
+    from rlhf_lightning.pipeline import OVERWRITE, PipelineConfig, stage_commands, stage_outputs
+
+    config = PipelineConfig(**yaml.safe_load(tiny_stage_configs(tmp_path).read_text()))
+    for stage, command in stage_commands(config, stage_outputs(config)).items():
+        assert OVERWRITE in command, stage
+        with pytest.raises(SystemExit) as caught:
+            main([*command, "--print_config"])
+        assert caught.value.code == 0
+        assert "overwrite_export: true" in capsys.readouterr().out, stage

@@ -117,7 +117,10 @@ class _JSONLDataModule(LightningDataModule):
                 f"after truncation to max_length={self.max_length}"
             )
         if records and not encoded:
-            raise UserInputError(f"{source}: no usable record after truncation to max_length={self.max_length}")
+            raise UserInputError(
+                f"{source}: no usable record after truncation to max_length={self.max_length}; "
+                "hint: raise data.init_args.max_length (within the model's context) or shorten the prompts"
+            )
         return encoded
 
     def setup(self, stage: str | None = None) -> None:

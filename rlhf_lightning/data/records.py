@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,28 @@ from ..errors import UserInputError
 Record = dict[str, Any]
 SFT_KINDS = ("prompt/completion", "text", "messages")
 
+# The record families, as a hint names them when a file is given to the wrong stage.
+FAMILIES = {
+    "sft": 'SFT data ({"prompt", "completion"}, {"text"} or {"messages"}), read by the SFT stage',
+    "preference": 'preference pairs ({"prompt", "chosen", "rejected"}), read by the reward stage',
+    "prompt": 'prompts ({"prompt"} or {"messages"}), read by the PPO stage',
+}
+
 
 class DataFormatError(UserInputError):
     """A record does not have the shape its stage expects.
 
-    ``str(err)`` reads ``path:line: field 'name': what is wrong (hint)``.
+    ``str(err)`` reads ``path:line: field 'name': what is wrong[; hint: what to try]``; the
+    line is left out for problems of the whole file, the field for problems of the whole line.
     """
 
-    def __init__(self, path: str | os.PathLike[str], line: int, field: str | None, message: str) -> None:
-        self.path, self.line, self.field = str(path), line, field
+    def __init__(
+        self, path: str | os.PathLike[str], line: int, field: str | None, message: str, *, hint: str | None = None
+    ) -> None:
+        self.path, self.line, self.field, self.hint = str(path), line, field, hint
         where = f"{self.path}:{line}" if line else self.path
         what = f"field '{field}': {message}" if field else message
-        super().__init__(f"{where}: {what}")
+        super().__init__(f"{where}: {what}" + (f"; hint: {hint}" if hint else ""))
 
 
 def read_jsonl(path: str | os.PathLike[str], check: Callable[[Record, str, int], Record]) -> list[Record]:
@@ -45,12 +56,15 @@ def read_jsonl(path: str | os.PathLike[str], check: Callable[[Record, str, int],
     """
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(path, 0, None, "file does not exist")
+        raise DataFormatError(path, 0, None, "file does not exist", hint="check the path (relative to where you run)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataFormatError(path, line, None, f"bytes that are not UTF-8 ({err.reason})") from err
+        raise DataFormatError(
+            path, line, None, f"bytes that are not UTF-8 ({err.reason})",
+            hint="re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+        ) from err
     records = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -58,12 +72,15 @@ def read_jsonl(path: str | os.PathLike[str], check: Callable[[Record, str, int],
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise DataFormatError(path, number, None, f"malformed JSON ({err.msg} at column {err.colno})") from err
+            raise DataFormatError(
+                path, number, None, f"malformed JSON ({err.msg} at column {err.colno})",
+                hint="each line must be one complete JSON object",
+            ) from err
         if not isinstance(record, dict):
             raise DataFormatError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
         records.append(check(record, str(path), number))
     if not records:
-        raise DataFormatError(path, 0, None, "file holds no records")
+        raise DataFormatError(path, 0, None, "file holds no records", hint="write one JSON object per line")
     return records
 
 
@@ -81,9 +98,30 @@ def write_jsonl(path: str | os.PathLike[str], records: list[Record]) -> Path:
     return path
 
 
-def _string(record: Record, field: str, path: str, line: int, allow_empty: bool = False) -> str:
+def guess_family(record: Record) -> str | None:
+    """Which of :data:`FAMILIES` a record resembles by its fields (None: none clearly)."""
+    if "chosen" in record or "rejected" in record:
+        return "preference"
+    if "completion" in record or "text" in record:
+        return "sft"
+    messages = record.get("messages")
+    if isinstance(messages, list):  # a conversation to learn from, or one to answer
+        has_answer = any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+        return "sft" if has_answer else "prompt"
+    return "prompt" if "prompt" in record else None
+
+
+def wrong_family_hint(record: Record, family: str) -> str | None:
+    """A hint when ``record`` looks like another stage's data than ``family`` (None otherwise)."""
+    guess = guess_family(record)
+    if guess is None or guess == family:
+        return None
+    return f"the file looks like {FAMILIES[guess]}; this stage reads {FAMILIES[family]}"
+
+
+def _string(record: Record, field: str, path: str, line: int, family: str, allow_empty: bool = False) -> str:
     if field not in record:
-        raise DataFormatError(path, line, field, "missing")
+        raise DataFormatError(path, line, field, "missing", hint=wrong_family_hint(record, family))
     value = record[field]
     if not isinstance(value, str):
         raise DataFormatError(path, line, field, f"expected a string, got {type(value).__name__}")
@@ -119,17 +157,20 @@ def check_sft(record: Record, path: str, line: int) -> Record:
     if "messages" in record:
         messages = _messages(record, path, line)
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataFormatError(path, line, "messages", "no assistant turn to learn from")
+            raise DataFormatError(
+                path, line, "messages", "no assistant turn to learn from", hint=wrong_family_hint(record, "sft")
+            )
     elif "text" in record:
-        _string(record, "text", path, line)
+        _string(record, "text", path, line, "sft")
     elif "prompt" in record or "completion" in record:
-        _string(record, "prompt", path, line, allow_empty=True)
-        _string(record, "completion", path, line)
+        _string(record, "prompt", path, line, "sft", allow_empty=True)
+        _string(record, "completion", path, line, "sft")
     else:
         raise DataFormatError(
             path, line, None,
             "not an SFT record: expected 'prompt'+'completion', 'text' or 'messages' "
             f"(found fields: {', '.join(sorted(record)) or 'none'})",
+            hint=wrong_family_hint(record, "sft"),
         )
     return record
 
@@ -140,10 +181,11 @@ def check_preference(record: Record, path: str, line: int) -> Record:
             path, line, None,
             "not a preference record: expected 'prompt', 'chosen', 'rejected' "
             f"(found fields: {', '.join(sorted(record)) or 'none'})",
+            hint=wrong_family_hint(record, "preference"),
         )
-    _string(record, "prompt", path, line, allow_empty=True)
-    _string(record, "chosen", path, line)
-    _string(record, "rejected", path, line)
+    _string(record, "prompt", path, line, "preference", allow_empty=True)
+    _string(record, "chosen", path, line, "preference")
+    _string(record, "rejected", path, line, "preference")
     margin = record.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise DataFormatError(path, line, "margin", f"expected a number, got {type(margin).__name__}")
@@ -156,7 +198,7 @@ def check_prompt(record: Record, path: str, line: int) -> Record:
     elif "prompt" in record and isinstance(record["prompt"], list):
         _messages(record, path, line, field="prompt")
     else:
-        _string(record, "prompt", path, line)
+        _string(record, "prompt", path, line, "prompt")
     return record
 
 
@@ -165,7 +207,18 @@ def read_sft(path: str | os.PathLike[str]) -> list[Record]:
 
 
 def read_preferences(path: str | os.PathLike[str]) -> list[Record]:
-    return read_jsonl(path, check_preference)
+    """Preference pairs; pairs whose chosen equals rejected are kept (they teach nothing: their
+    loss is log 2 whatever the model does) and counted in one warning, as they often mean a
+    mistake upstream."""
+    records = read_jsonl(path, check_preference)
+    ties = sum(record["chosen"] == record["rejected"] for record in records)
+    if ties:
+        warnings.warn(
+            f"{path}: {ties} of {len(records)} records have chosen == rejected; they are kept but "
+            "teach the reward model nothing (their loss is log 2)",
+            stacklevel=2,
+        )
+    return records
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[Record]:

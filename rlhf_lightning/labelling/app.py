@@ -116,7 +116,7 @@ def create_app(session: LabelSession) -> Flask:
         items = session.pool.items()
         done = done_items(session.log.records(), annotator)
         return {"done": sum(item.id in done for item in items), "total": session.pool.total,
-                "generating": not session.pool.finished, "error": session.pool.error}
+                "generating": not session.pool.finished, "generation_error": session.pool.error}
 
     @app.errorhandler(InvalidRequest)
     def bad_request(err: InvalidRequest) -> tuple[Response, int]:

@@ -118,7 +118,7 @@ def serve_command(argv: Sequence[str]) -> int:
     session = LabelSession(pool=pool, log=AnnotationLog(options.annotations), token=token, seed=options.seed)
     server = make_server(create_app(session), options.host, options.port)
     shown_host = f"[{options.host}]" if ":" in options.host else options.host
-    address = f"http://{shown_host}:{server.server_port}/" + (f"?token={token}" if token else "")
+    address = f"http://{shown_host}:{server.port}/" + (f"?token={token}" if token else "")
     if generator is not None:
         generator.start()
         print(f"sampling candidates in the background into {generator.out.path}", flush=True)

@@ -10,14 +10,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models import load_tokenizer
 from ..optim import adamw, warmup_schedule
+from .export import check_export_dirs
 
 
 class HFModelModule(LightningModule):
     """Base of a stage that fine-tunes ``self.model`` (built in ``configure_model``).
 
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
-    ``learning_rate``, ``weight_decay``, ``adam_betas``, ``warmup_steps``, ``lr_scheduler`` and
-    ``gradient_checkpointing``.
+    ``learning_rate``, ``weight_decay``, ``adam_betas``, ``warmup_steps``, ``lr_scheduler``,
+    ``gradient_checkpointing``, ``export_dir`` and ``overwrite_export``.
     """
 
     model: PreTrainedModel | None
@@ -29,6 +30,11 @@ class HFModelModule(LightningModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
         return self._tokenizer
+
+    def on_fit_start(self) -> None:
+        """Before the first step: refuse to train when ``export_dir`` already holds a finished
+        model (unless ``overwrite_export``), so an earlier result is never replaced by accident."""
+        check_export_dirs(self, {"export_dir": self.hparams.export_dir}, self.hparams.overwrite_export)
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         """Apply the module-wide model options (gradient checkpointing)."""

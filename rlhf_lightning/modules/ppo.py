@@ -31,7 +31,7 @@ from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
 from ..rollout import GenerationSettings, Responses, RolloutBatch, RolloutLoop, response_logprobs, token_values
 from ..text_logging import log_text_samples
-from .export import export_at_fit_end
+from .export import check_export_dirs, export_at_fit_end
 
 
 @dataclass
@@ -109,6 +109,8 @@ class PPOModule(LightningModule):
         max_iterations: stop after this many PPO iterations (None: the Trainer decides).
         gold_annotator: also report the built-in task's gold score, fluency and win rate over
             the reference policy during validation.
+        overwrite_export: allow the fit to replace finished models in the export folders (off:
+            the fit refuses to start).
 
     Override :meth:`compute_scores` to compute rewards any other way, and set
     ``rollout_loop_class`` to a :class:`RolloutLoop` subclass to change how a rollout turns
@@ -136,6 +138,7 @@ class PPOModule(LightningModule):
         reward_batch_size: int = 64,
         policy_export_dir: str | None = "outputs/ppo/policy",
         critic_export_dir: str | None = "outputs/ppo/critic",
+        overwrite_export: bool = False,
         gold_annotator: bool = False,
         num_text_samples: int = 4,
         seed: int = 0,
@@ -374,6 +377,10 @@ class PPOModule(LightningModule):
                 "inside training_step breaks under FSDP1, and FSDP2 sharding is not applied by the "
                 "package yet; use strategy=ddp or deepspeed (see docs/scaling.md)"
             )
+
+    def on_fit_start(self) -> None:
+        exports = {"policy_export_dir": self.hparams.policy_export_dir, "critic_export_dir": self.hparams.critic_export_dir}
+        check_export_dirs(self, exports, self.hparams.overwrite_export)
 
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()

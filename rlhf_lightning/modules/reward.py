@@ -59,6 +59,8 @@ class RewardModule(HFModelModule):
         centering_coef: weight of ``mean((r_c + r_r)^2)`` in the loss (0 disables it).
         gradient_checkpointing: trade compute for memory on large models.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
+        overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
+            fit refuses to start).
         normalize: store the mean reward of SFT demonstrations as ``reward_offset``.
         normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on
             (read, and checked, before training starts); None uses the built-in task's SFT val
@@ -80,6 +82,7 @@ class RewardModule(HFModelModule):
         centering_coef: float = 0.0,
         gradient_checkpointing: bool = False,
         export_dir: str | None = "outputs/reward/model",
+        overwrite_export: bool = False,
         normalize: bool = True,
         normalize_file: str | None = None,
         normalize_max_length: int | None = None,

@@ -45,6 +45,8 @@ class SFTModule(HFModelModule):
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         gradient_checkpointing: trade compute for memory on large models.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
+        overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
+            fit refuses to start).
         sample_prompts: prompts to sample from at each validation (logged to TensorBoard);
             None takes the first ``num_samples`` prompts of the validation data.
     """
@@ -59,6 +61,7 @@ class SFTModule(HFModelModule):
         lr_scheduler: str = "cosine",
         gradient_checkpointing: bool = False,
         export_dir: str | None = "outputs/sft/model",
+        overwrite_export: bool = False,
         sample_prompts: list[str] | None = None,
         num_samples: int = 4,
         sample_max_new_tokens: int = 64,

@@ -42,8 +42,8 @@ function render(data) {
   document.body.dataset.itemId = data.item ? data.item.id : "";
   if (!data.item) {
     $("task").hidden = true;
-    if (data.error) {
-      setStatus(data.error, "error");
+    if (data.generation_error) {
+      setStatus(data.generation_error, "error");
     } else if (data.generating) {
       setStatus(`Sampling more candidates… (${data.done} labelled so far)`);
       setTimeout(loadNext, 1000);
