@@ -24,11 +24,12 @@ from ..errors import UserInputError
 Record = dict[str, Any]
 SFT_KINDS = ("prompt/completion", "text", "messages")
 
-# The record families, as a hint names them when a file is given to the wrong stage.
+# The record families (name, stage that reads them, shapes), as a hint names them when a file
+# is given to the wrong stage.
 FAMILIES = {
-    "sft": 'SFT data ({"prompt", "completion"}, {"text"} or {"messages"}), read by the SFT stage',
-    "preference": 'preference pairs ({"prompt", "chosen", "rejected"}), read by the reward stage',
-    "prompt": 'prompts ({"prompt"} or {"messages"}), read by the PPO stage',
+    "sft": ("SFT data", "SFT", '{"prompt", "completion"}, {"text"} or {"messages"}'),
+    "preference": ("preference pairs", "reward", '{"prompt", "chosen", "rejected"}'),
+    "prompt": ("prompts", "PPO", '{"prompt"} or {"messages"}'),
 }
 
 
@@ -112,11 +113,13 @@ def guess_family(record: Record) -> str | None:
 
 
 def wrong_family_hint(record: Record, family: str) -> str | None:
-    """A hint when ``record`` looks like another stage's data than ``family`` (None otherwise)."""
+    """A hint when ``record`` looks like another stage's data than ``family`` (None otherwise),
+    e.g. ``this record looks like SFT data (for the SFT stage); the reward stage reads ...``."""
     guess = guess_family(record)
     if guess is None or guess == family:
         return None
-    return f"the file looks like {FAMILIES[guess]}; this stage reads {FAMILIES[family]}"
+    (seen, seen_stage, _), (wanted, stage, shapes) = FAMILIES[guess], FAMILIES[family]
+    return f"this record looks like {seen} (for the {seen_stage} stage); the {stage} stage reads {wanted} {shapes}"
 
 
 def _string(record: Record, field: str, path: str, line: int, family: str, allow_empty: bool = False) -> str:
