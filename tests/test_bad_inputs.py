@@ -17,7 +17,13 @@ import pytest
 import yaml
 
 from rlhf_lightning.cli import RLHFCLI, main
-from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_sequence_scorer, load_tokenizer, save_hf_folder
+from rlhf_lightning.models import (
+    byte_tokenizer,
+    is_complete_hf_folder,
+    load_sequence_scorer,
+    load_tokenizer,
+    save_hf_folder,
+)
 
 from .conftest import bpe_tokenizer_without_pad, save_tiny_gpt2, write_lines
 
@@ -76,7 +82,8 @@ def run_fit(config: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[i
 
 def snapshot(folder: Path) -> dict[str, str]:
     """File name -> content hash of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 GOOD_SFT = {"prompt": "Review:", "completion": " good."}
@@ -113,7 +120,8 @@ DATA_ROWS = {
                             [":1: field 'messages': no assistant turn to learn from",
                              "hint: this record looks like prompts (for the PPO stage)"]),
     "prompts-too-long-all": ("sft", [{"prompt": "p" * 20, "completion": " x"}] * 2, 8,
-                             [": no usable record after truncation to max_length=8", "hint: raise data.init_args.max_length"]),
+                             [": no usable record after truncation to max_length=8",
+                              "hint: raise data.init_args.max_length"]),
 }
 
 
@@ -126,7 +134,8 @@ def test_bad_data_file(row: str, tmp_path: Path, capsys):
     elif content is not None:
         write_lines(path, content)
     before = path.read_bytes() if path.exists() else None
-    config = stage_config(tmp_path, stage, path, data=dict(max_length=max_length), trainer=dict(fast_dev_run=False, max_steps=1))
+    config = stage_config(tmp_path, stage, path, data=dict(max_length=max_length),
+                          trainer=dict(fast_dev_run=False, max_steps=1))
     status, error = run_fit(config, capsys)
     assert status == 2
     assert error.startswith(f"error: {path}")  # the file, first
