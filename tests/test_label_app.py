@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_candidates(path: Path, count: int = 3, ranked: int = 0) -> Path:
     """``count`` two-response items, then ``ranked`` three-response items."""
-    records = [{"prompt": f"Review {n}: The movie was", "responses": [f" good {n}.", f" bad {n}."]} for n in range(count)]
+    records = [{"prompt": f"Review {n}: The movie was", "responses": [f" good {n}.", f" bad {n}."]}
+               for n in range(count)]
     records += [{"prompt": f"Rank {n}: The plot was", "responses": [f" fun {n}.", f" slow {n}.", f" odd {n}."]}
                 for n in range(ranked)]
     return write_lines(path, records)

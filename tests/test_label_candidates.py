@@ -19,6 +19,7 @@ from rlhf_lightning.labelling.candidates import (
     read_candidates,
 )
 from rlhf_lightning.labelling.storage import read_log
+from rlhf_lightning.rollout import GenerationSettings
 from tests.conftest import write_lines
 
 
@@ -100,27 +101,31 @@ def test_sampling_settings_are_checked() -> None:
     with pytest.raises(UserInputError, match="--k must be at least 2"):
         SamplingSettings(k=1)
     with pytest.raises(UserInputError, match="--temperature must be > 0"):
-        SamplingSettings(temperature=0)
+        SamplingSettings(generation=GenerationSettings(temperature=0))
 
 
 def test_generator_samples_k_distinct_responses_per_prompt_and_resumes(
     tmp_path: Path, byte_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prompts = [{"prompt": "Review: The movie was"}, {"messages": [{"role": "user", "content": "Hi"}]}]
+    prompts = [{"prompt": "Review: The movie was"}, {"messages": [{"role": "user", "content": "Hi"}]},
+               {"prompt": "Review: The movie was"}]  # a repeated prompt is its own item
     out = tmp_path / "ann.candidates.jsonl"
-    settings = SamplingSettings(k=3, max_new_tokens=8, seed=1)
-    pool = CandidatePool(expected=2)
-    assert pool.total == 2 and not pool.finished
+    settings = SamplingSettings(k=3, generation=GenerationSettings(max_new_tokens=8), seed=1)
+    pool = CandidatePool(expected=3)
+    assert pool.total == 3 and not pool.finished
     CandidateGenerator(str(byte_gpt2_dir), prompts, out, pool, settings).run()  # synchronously
     assert pool.finished and pool.error is None
     items = pool.items()
-    assert [i.prompt for i in items] == ["Review: The movie was", "<|user|>Hi<|assistant|>"]  # chat rendered
+    assert [i.prompt for i in items] == ["Review: The movie was", "<|user|>Hi<|assistant|>",  # chat rendered
+                                         "Review: The movie was"]
     assert all(len(set(i.responses)) == 3 and all(r.strip() for r in i.responses) for i in items)
+    assert items[0].id != items[2].id
     assert [r["id"] for r in read_log(out)] == [i.id for i in items]  # kept on disk as they came
+    assert [i.id for i in read_candidates(out)] == [i.id for i in items]  # and usable as --candidates
 
     # A restart reuses the file: no model is loaded, the same items come back.
     monkeypatch.setattr("rlhf_lightning.models.load_causal_lm", lambda *a: pytest.fail("sampled again"))
-    again = CandidatePool(expected=2)
+    again = CandidatePool(expected=3)
     CandidateGenerator(str(byte_gpt2_dir), prompts, out, again, settings).run()
     assert again.items() == items and again.error is None
 

@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..data.records import DataFormatError, Record, read_jsonl
 from ..errors import UserInputError
 from ..models import is_preset
+from ..rollout import GenerationSettings
 from .storage import JsonlLog, read_log
 
 
@@ -59,7 +60,8 @@ def check_candidate(record: Record, path: str, line: int) -> Record:
         raise DataFormatError(path, line, "responses", f"need at least two responses to compare, got {len(responses)}")
     for index, response in enumerate(responses):
         if not isinstance(response, str):
-            raise DataFormatError(path, line, f"responses[{index}]", f"expected a string, got {type(response).__name__}")
+            got = type(response).__name__
+            raise DataFormatError(path, line, f"responses[{index}]", f"expected a string, got {got}")
         if not response.strip():
             raise DataFormatError(path, line, f"responses[{index}]", "empty string")
     if "id" in record and (not isinstance(record["id"], str) or not record["id"].strip()):
@@ -135,23 +137,21 @@ class CandidatePool:
 
 @dataclass
 class SamplingSettings:
-    """How candidates are sampled: ``k`` responses per prompt, with the package's sampler."""
+    """How candidates are sampled: ``k`` responses per prompt, with the package's sampler and the
+    PPO rollout's :class:`~rlhf_lightning.rollout.GenerationSettings`."""
 
     k: int = 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=64))
     seed: int = 0
-    max_tries: int = 3  # extra draws when a prompt yields fewer than 2 distinct, non-blank responses
+    max_tries: int = 3  # extra draws when a prompt yields fewer than k distinct, non-blank responses
 
     def __post_init__(self) -> None:
         if self.k < 2:
             raise UserInputError(f"--k must be at least 2 (responses to compare per prompt), got {self.k}")
-        if self.max_new_tokens < 1:
-            raise UserInputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise UserInputError(f"--temperature must be > 0, got {self.temperature}")
+        if self.generation.max_new_tokens < 1:
+            raise UserInputError(f"--max-new-tokens must be at least 1, got {self.generation.max_new_tokens}")
+        if self.generation.temperature <= 0:
+            raise UserInputError(f"--temperature must be > 0, got {self.generation.temperature}")
 
 
 def check_policy(policy: str) -> None:
@@ -170,7 +170,8 @@ def prompt_texts(records: list[Record], tokenizer: Any) -> list[str]:
     texts = []
     for record in records:
         messages = record.get("messages", record.get("prompt"))
-        texts.append(_render(tokenizer, messages, add_generation_prompt=True) if isinstance(messages, list) else messages)
+        chat = isinstance(messages, list)
+        texts.append(_render(tokenizer, messages, add_generation_prompt=True) if chat else messages)
     return texts
 
 
@@ -178,7 +179,8 @@ class CandidateGenerator(threading.Thread):
     """Samples ``k`` responses per prompt in the background, appending each item to
     ``out_path`` (fsync'ed) and to ``pool`` as soon as it is ready.
 
-    Prompts whose item is already in ``out_path`` (an earlier run) are not sampled again.
+    Prompts whose item is already in ``out_path`` (an earlier run, same prompt at the same
+    position) are not sampled again; the file is also a valid ``--candidates`` file.
     Sampling is seeded per prompt (``seed + prompt index``), so a restart reproduces it.
     """
 
@@ -208,12 +210,15 @@ class CandidateGenerator(threading.Thread):
 
         tokenizer = load_tokenizer(self.policy)
         prompts = prompt_texts(self.prompt_records, tokenizer)
-        earlier = {r["prompt"]: r for r in read_log(self.out.path)}
-        for prompt in prompts:
-            if prompt in earlier:
-                record = earlier[prompt]
+        # (prompt index, prompt) -> item of an earlier run; the index tells repeated prompts apart
+        earlier = {(r.get("prompt_index"), r["prompt"]): r for r in read_log(self.out.path)}
+        todo = []
+        for index, prompt in enumerate(prompts):
+            record = earlier.get((index, prompt))
+            if record is None:
+                todo.append((index, prompt))
+            else:
                 self.pool.add(Item(record["id"], prompt, tuple(record["responses"])))
-        todo = [(i, p) for i, p in enumerate(prompts) if p not in earlier]
         if not todo:
             return
         model = load_causal_lm(self.policy, tokenizer)
@@ -223,9 +228,8 @@ class CandidateGenerator(threading.Thread):
                 return
             responses: list[str] = []
             for attempt in range(1 + s.max_tries):
-                texts = sample_texts(model, tokenizer, [prompt] * s.k, max_new_tokens=s.max_new_tokens,
-                                     seed=s.seed + index + attempt * len(prompts), temperature=s.temperature,
-                                     top_k=s.top_k, top_p=s.top_p)
+                texts = sample_texts(model, tokenizer, [prompt] * s.k, seed=s.seed + index + attempt * len(prompts),
+                                     **asdict(s.generation))
                 responses += [t for t in texts if t.strip() and t not in responses]
                 if len(responses) >= s.k:
                     break
@@ -235,5 +239,5 @@ class CandidateGenerator(threading.Thread):
                 self.pool.drop_expected()
                 continue
             item = Item(content_id(prompt, responses), prompt, tuple(responses))
-            self.out.append(item.record())
+            self.out.append({**item.record(), "prompt_index": index})
             self.pool.add(item)

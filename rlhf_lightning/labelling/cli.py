@@ -18,6 +18,7 @@ from typing import Any
 
 from ..data.records import read_prompts
 from ..errors import UserInputError
+from ..rollout import GenerationSettings
 from .candidates import CandidateGenerator, CandidatePool, SamplingSettings, check_policy, read_candidates
 from .export import KEEP_CHOICES, export_annotations
 from .storage import AnnotationLog
@@ -76,8 +77,9 @@ def build_pool(options: argparse.Namespace) -> tuple[CandidatePool, CandidateGen
     if not options.policy or not options.prompts:
         raise UserInputError("nothing to label: pass --candidates FILE, or --policy DIR with --prompts FILE")
     check_policy(options.policy)
-    settings = SamplingSettings(k=options.k, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                                top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    generation = GenerationSettings(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                    top_k=options.top_k, top_p=options.top_p)
+    settings = SamplingSettings(k=options.k, generation=generation, seed=options.seed)
     annotations = Path(options.annotations)
     out = options.candidates_out or annotations.with_name(annotations.stem + ".candidates.jsonl")
     prompts = read_prompts(options.prompts)

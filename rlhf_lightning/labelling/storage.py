@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from ..data.records import DataFormatError, Record
 
@@ -186,9 +185,8 @@ def make_judgement(
     """A judgement event (see the module docstring), with a fresh id and the current time."""
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
-    event: dict[str, Any] = {
+    return {
         "event": "judgement", "id": uuid.uuid4().hex, "time": now(), "annotator": annotator,
         "item": item, "prompt": prompt, "responses": list(responses), "shown": list(shown),
         "choice": choice, "ranking": list(ranking) if ranking is not None else None, "comment": comment,
     }
-    return event

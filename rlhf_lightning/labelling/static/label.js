@@ -154,6 +154,7 @@ function start() {
   state.annotator = name;
   localStorage.setItem("label-annotator", name);
   setStatus("");
+  $("start").textContent = "Switch";
   $("annotator").blur();
   loadNext();
 }
