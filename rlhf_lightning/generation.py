@@ -38,6 +38,9 @@ def sampling_config(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        # A diverged model's NaN/inf logits would crash sampling; replaced, they give a rollout
+        # whose NaN log-probs the PPO module skips (see rlhf_lightning.guards.NonFiniteGuard).
+        remove_invalid_values=True,
     )
 
 

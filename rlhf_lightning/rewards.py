@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -64,10 +65,11 @@ class RewardModelScorer:
 
 
 class CallableScorer:
-    """Scores decoded texts with ``fn(prompts, completions)``; NaN or a failure is an error.
+    """Scores decoded texts with ``fn(prompts, completions)``.
 
-    A NaN score would poison the advantages of the whole batch, so it stops the run with a
-    message naming the offending prompt instead.
+    A failing function stops the run with a message naming it. A NaN or infinite score is
+    passed on with a warning naming an offending prompt: the PPO module then skips that update
+    and :class:`~rlhf_lightning.guards.NonFiniteGuard` decides when to restore or stop.
     """
 
     def __init__(self, fn: TextRewardFn) -> None:
@@ -82,7 +84,7 @@ class CallableScorer:
         scores = scores.reshape(-1).to(responses.prompt_ids.device)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(
+            rank_zero_warn(
                 f"reward function {name} returned a non-finite score for {len(bad)} responses, "
                 f"e.g. prompt {responses.prompts[bad[0]]!r} -> completion {responses.completions[bad[0]]!r}"
             )

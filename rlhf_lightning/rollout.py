@@ -100,6 +100,13 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def nonfinite_fields(self) -> list[str]:
+        """Names of the floating-point tensors that hold NaN or inf (empty when all are finite)."""
+        return [
+            f.name for f in fields(self)
+            if getattr(self, f.name).is_floating_point() and not torch.isfinite(getattr(self, f.name)).all()
+        ]
+
     def select(self, index: Tensor) -> RolloutBatch:
         """The rows ``index`` of every tensor (a minibatch)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})

@@ -62,7 +62,7 @@ def stage_config(tmp_path: Path, stage: str, train_file: Path | None = None, mod
         datamodule = "rlhf_lightning.data.PromptDataModule"
     module["init_args"].update(model or {})
     data_args = dict(train_file=str(train_file) if train_file else None, val_fraction=0.0, max_length=64, batch_size=2)
-    config = dict(seed_everything=0, trainer={**TRAINER, **(trainer or {})}, model=module,
+    config = dict(seed_everything=0, trainer={**TRAINER, "default_root_dir": str(tmp_path), **(trainer or {})}, model=module,
                   data=dict(class_path=datamodule, init_args={**data_args, **(data or {})}))
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

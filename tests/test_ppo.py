@@ -145,11 +145,9 @@ def test_reward_model_with_other_tokenizer_works(tmp_path: Path, byte_gpt2_dir: 
     assert module.critic.get_input_embeddings().num_embeddings == module.policy.get_input_embeddings().num_embeddings
 
 
-@pytest.mark.parametrize("bad, message", [(lambda p, c: [float("nan")] * len(c), "non-finite"),
-                                          (lambda p, c: 1 / 0, "failed")])
-def test_bad_reward_callable_is_a_clear_error(tmp_path: Path, byte_gpt2_dir: Path, bad, message):
-    module = small_ppo(byte_gpt2_dir, tmp_path, reward_fn=bad)
-    with pytest.raises((ValueError, RuntimeError), match=message):
+def test_raising_reward_callable_is_a_clear_error(tmp_path: Path, byte_gpt2_dir: Path):
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_fn=lambda p, c: 1 / 0)
+    with pytest.raises(RuntimeError, match="reward function .* failed: division by zero"):
         fit(module, iterations=1)
     assert not (tmp_path / "policy").exists()
 

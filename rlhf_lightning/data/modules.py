@@ -27,6 +27,7 @@ from .encoding import (
     encode_sft,
 )
 from .records import Record, read_preferences, read_prompts, read_sft
+from .sampling import ResumableSampler, loader_generator
 
 BUILTIN = "the built-in task"
 
@@ -58,6 +59,8 @@ class _JSONLDataModule(LightningDataModule):
         self.val_records: list[Record] = []
         self.train_dataset: list[dict[str, Any]] = []
         self.val_dataset: list[dict[str, Any]] = []
+        self._position: tuple[int, int] = (0, 0)  # (epoch, training batches consumed in it)
+        self._resume_position: tuple[int, int] | None = None
 
     # --- what a subclass supplies -------------------------------------------------------
     def read(self, path: str) -> list[Record]:
@@ -132,14 +135,47 @@ class _JSONLDataModule(LightningDataModule):
         self.val_dataset = self._encode_all(self.val_records, tokenizer, self.val_file or self.train_file or BUILTIN)
 
     def _loader(self, dataset: list[dict[str, Any]], shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        sampler = None
+        if shuffle:
+            trainer = self.trainer
+            sampler = ResumableSampler(
+                dataset,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+                seed=self.seed,
+            )
+            if self._resume_position is not None:
+                epoch, consumed_batches = self._resume_position
+                sampler.resume(epoch, consumed_batches * batch_size)
+                self._resume_position = None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=self.collator(self.resolve_tokenizer()),
+            generator=loader_generator(self.seed),
         )
+
+    # --- exact resume: where in the epoch training stopped ------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches handed to the model in the current epoch."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch, consumed = self._position
+            self._position = (trainer.current_epoch, consumed + 1 if epoch == trainer.current_epoch else 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the epoch and how many of its batches were consumed."""
+        epoch, consumed = self._position
+        return {"epoch": epoch, "consumed_batches": consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume, the next training loader continues that epoch after the consumed batches."""
+        self._position = (state_dict["epoch"], state_dict["consumed_batches"])
+        self._resume_position = self._position
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
 from ..evaluation import gold_judgements, sample_responses, sequence_kl
+from ..guards import NONFINITE_STEPS, default_guards
 from ..errors import UserInputError
 from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
@@ -93,6 +94,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
+    """The L2 norm of all gradients the optimiser would apply (after clipping)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
 class PPOModule(LightningModule):
     """PPO with a policy, a frozen reference, a reward source and a critic.
 
@@ -109,6 +118,9 @@ class PPOModule(LightningModule):
         max_iterations: stop after this many PPO iterations (None: the Trainer decides).
         gold_annotator: also report the built-in task's gold score, fluency and win rate over
             the reference policy during validation.
+        health_guards: add the callbacks of :mod:`rlhf_lightning.guards` (non-finite values,
+            log-prob drift, negative KL, explained variance, response length) that the Trainer
+            does not already have.
         overwrite_export: allow the fit to replace finished models in the export folders (off:
             the fit refuses to start).
 
@@ -141,6 +153,7 @@ class PPOModule(LightningModule):
         overwrite_export: bool = False,
         gold_annotator: bool = False,
         num_text_samples: int = 4,
+        health_guards: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -156,6 +169,8 @@ class PPOModule(LightningModule):
         )
         self.iteration = 0
         self.episode = 0
+        self.iteration_stats: dict[str, float] = {}  # the last iteration's statistics (read by guards)
+        self.last_nonfinite = ""  # what was non-finite in the last failing iteration
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.policy: PreTrainedModel | None = None
         self.eval_metrics = torch.nn.ModuleDict()
@@ -231,7 +246,12 @@ class PPOModule(LightningModule):
         started = time.perf_counter()
         rollout = self.rollout_loop().run(batch["prompt_ids"], batch["prompt_mask"], self.kl_controller.value)
         rollout_seconds = time.perf_counter() - started
-        update_stats = self.ppo_update(rollout)
+        nonfinite = rollout.nonfinite_fields()
+        if nonfinite:  # never learn from NaN: skip every step of this iteration
+            self.last_nonfinite = "non-finite rollout " + ", ".join(nonfinite)
+            update_stats = {NONFINITE_STEPS: torch.tensor(float(self.ppo.epochs * self.ppo.num_minibatches))}
+        else:
+            update_stats = self.ppo_update(rollout)
         update_seconds = time.perf_counter() - started - rollout_seconds
 
         world_batch = len(rollout) * self.trainer.world_size
@@ -239,7 +259,8 @@ class PPOModule(LightningModule):
         self.episode += world_batch
         stats = self.rollout_statistics(rollout)
         mean_kl = self.trainer.strategy.reduce(stats["objective/kl"], reduce_op="mean").item()
-        self.kl_controller.update(mean_kl, world_batch)
+        if math.isfinite(mean_kl):
+            self.kl_controller.update(mean_kl, world_batch)
         response_tokens = rollout.response_mask.sum().item()
         stats.update(update_stats)
         stats.update({
@@ -249,8 +270,8 @@ class PPOModule(LightningModule):
             "time/update_s": update_seconds,
             "time/tokens_per_s": response_tokens / max(rollout_seconds + update_seconds, 1e-9),
         })
-        self.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, on_epoch=False, sync_dist=True,
-                      batch_size=len(rollout))
+        self.iteration_stats = {k: float(v) for k, v in stats.items()}
+        self.log_dict(self.iteration_stats, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollout))
         self.log("iteration", float(self.iteration), prog_bar=True, on_step=True, on_epoch=False)
 
     def rollout_statistics(self, rollout: RolloutBatch) -> dict[str, Tensor]:
@@ -309,7 +330,9 @@ class PPOModule(LightningModule):
         """``epochs`` passes of shuffled minibatches; statistics averaged over all of them.
 
         Also returns ``policy/first_ratio_dev``: the largest ``|logp - old_logp|`` of the very
-        first minibatch, which must be ~0 (recomputed log-probs equal the rollout's).
+        first minibatch, which must be ~0 (recomputed log-probs equal the rollout's), and
+        ``health/nonfinite_steps``: optimiser steps skipped because a loss or the gradient norm
+        was not finite (their gradients are dropped).
         """
         settings = self.ppo
         batch_size = len(rollout)
@@ -322,6 +345,7 @@ class PPOModule(LightningModule):
         micro_size = batch_size // micro_batches
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         collected: dict[str, list[Tensor]] = defaultdict(list)
+        skipped, finite_losses = 0, True
         for epoch in range(settings.epochs):
             order = torch.randperm(batch_size, device=rollout.response_ids.device)
             for step in range(micro_batches):
@@ -330,15 +354,26 @@ class PPOModule(LightningModule):
                 deviation = stats.pop("logprob_dev_max")
                 if epoch == 0 and step == 0:
                     stats["policy/first_ratio_dev"] = deviation
-                self.manual_backward(loss / settings.gradient_accumulation_steps)
+                finite_losses &= bool(torch.isfinite(loss))
+                if finite_losses:
+                    self.manual_backward(loss / settings.gradient_accumulation_steps)
                 if (step + 1) % settings.gradient_accumulation_steps == 0:
                     self.clip_gradients(optimizer, gradient_clip_val=settings.max_grad_norm, gradient_clip_algorithm="norm")
-                    optimizer.step()
+                    grad_norm = gradient_norm(optimizer)
+                    if finite_losses and torch.isfinite(grad_norm):
+                        optimizer.step()
+                    else:
+                        skipped += 1
+                        self.last_nonfinite = "non-finite loss" if not finite_losses else "non-finite gradient norm"
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+                    finite_losses = True
+                    stats["health/grad_norm"] = grad_norm
                 for name, value in stats.items():
                     collected[name].append(value.detach().float())
-        return {name: torch.stack(values).mean() for name, values in collected.items()}
+        averaged = {name: torch.stack(values).mean() for name, values in collected.items()}
+        averaged[NONFINITE_STEPS] = torch.tensor(float(skipped))
+        return averaged
 
     def configure_optimizers(self) -> dict[str, Any]:
         critic_lr = self.hparams.critic_learning_rate
@@ -381,6 +416,11 @@ class PPOModule(LightningModule):
     def on_fit_start(self) -> None:
         exports = {"policy_export_dir": self.hparams.policy_export_dir, "critic_export_dir": self.hparams.critic_export_dir}
         check_export_dirs(self, exports, self.hparams.overwrite_export)
+
+    def configure_callbacks(self) -> list[Callback]:
+        if not self.hparams.get("health_guards", True):
+            return []
+        return default_guards(self.trainer.callbacks)
 
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()

@@ -1,0 +1,258 @@
+"""PPO health guards: Lightning callbacks that make the usual silent failures loud.
+
+Each guard reads the statistics of the iteration that just ended
+(``PPOModule.iteration_stats``, the same numbers it logs), logs a ``health/...`` metric to
+TensorBoard, and warns with what the reading means and what to try. :class:`NonFiniteGuard`
+also acts: the module skips updates whose loss or gradients are not finite, and the guard
+restores the last good weights after repeated failures and then stops the run.
+
+``PPOModule(health_guards=True)`` (the default) adds every guard with its default thresholds;
+a guard of the same class in ``trainer.callbacks`` replaces the default one, so thresholds are
+set in YAML like any callback's.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .errors import UserInputError
+
+# The keys of ``PPOModule.iteration_stats`` that the guards read.
+NONFINITE_STEPS = "health/nonfinite_steps"
+FIRST_RATIO_DEV = "policy/first_ratio_dev"
+MEAN_KL = "objective/kl"
+EXPLAINED_VARIANCE = "val/explained_variance"
+RESPONSE_LENGTH = "val/response_length"
+NO_EOS_RATE = "val/no_eos_rate"
+
+
+class TrainingHealthError(UserInputError):
+    """A health guard stopped the run; the CLI prints the message (exit 2), not a traceback."""
+
+
+class HealthGuard(Callback):
+    """Base: call :meth:`check` once per PPO iteration, and warn at most every ``warn_every``
+    iterations per guard and kind of warning, so that a persistent problem does not flood the log."""
+
+    def __init__(self, warn_every: int = 10) -> None:
+        self.warn_every = warn_every
+        self._last_warning: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stats = getattr(pl_module, "iteration_stats", None)
+        if stats:
+            self.check(trainer, pl_module, stats)
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stats: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def warn(self, pl_module: LightningModule, message: str, kind: str = "") -> None:
+        iteration = int(getattr(pl_module, "iteration", 0))
+        last = self._last_warning.get(kind)
+        if last is None or iteration - last >= self.warn_every:
+            self._last_warning[kind] = iteration
+            rank_zero_warn(f"[{type(self).__name__}] iteration {iteration}: {message}")
+
+    @staticmethod
+    def log_metric(pl_module: LightningModule, name: str, value: float) -> None:
+        pl_module.log(name, float(value), on_step=True, on_epoch=False)
+
+
+class NonFiniteGuard(HealthGuard):
+    """Non-finite scores, advantages, losses or gradient norms.
+
+    The module never applies such an update (``health/nonfinite_steps`` counts the skipped
+    optimiser steps of an iteration). After ``restore_after`` failing iterations in a row the
+    guard puts back the policy, critic and optimiser state of the last good iteration (kept in
+    CPU memory every ``snapshot_every`` iterations; 0 keeps none), and after ``stop_after`` in a
+    row it stops the run with :class:`TrainingHealthError`. Checkpoints already written stay as
+    they are and no export happens, so nothing trained on NaN replaces a good model.
+    """
+
+    def __init__(self, restore_after: int = 2, stop_after: int = 4, snapshot_every: int = 1, warn_every: int = 1) -> None:
+        super().__init__(warn_every)
+        if not 0 < restore_after <= stop_after:
+            raise ValueError(f"need 0 < restore_after <= stop_after, got {restore_after} and {stop_after}")
+        self.restore_after, self.stop_after, self.snapshot_every = restore_after, stop_after, snapshot_every
+        self.consecutive_failures = 0
+        self.restores = 0
+        self._snapshot: dict[str, Any] | None = None
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stats: dict[str, float]) -> None:
+        skipped = stats.get(NONFINITE_STEPS, 0.0)
+        if skipped == 0:
+            self.consecutive_failures = 0
+            if self.snapshot_every and pl_module.iteration % self.snapshot_every == 0:
+                self._snapshot = _snapshot(pl_module)
+        else:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.stop_after:
+                raise TrainingHealthError(
+                    f"stopped after {self.consecutive_failures} PPO iterations in a row with non-finite values "
+                    f"(scores, advantages, losses or gradient norms; {pl_module.last_nonfinite or 'see health/*'}); "
+                    "checkpoints written so far are intact. Try: check the reward for NaN/inf, clip scores "
+                    "(scores.clip), lower the learning rate, or use fp32/bf16 instead of fp16"
+                )
+            action = "update skipped"
+            if self.consecutive_failures >= self.restore_after and self._snapshot is not None:
+                _restore(pl_module, self._snapshot)
+                self.restores += 1
+                action = "restored the last good policy, critic and optimiser state"
+            self.warn(pl_module, f"non-finite values ({pl_module.last_nonfinite}); {action}")
+        self.log_metric(pl_module, "health/nonfinite_failures", self.consecutive_failures)
+        self.log_metric(pl_module, "health/restores", self.restores)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consecutive_failures": self.consecutive_failures, "restores": self.restores}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consecutive_failures, self.restores = state_dict["consecutive_failures"], state_dict["restores"]
+
+
+def _snapshot(pl_module: LightningModule) -> dict[str, Any]:
+    def to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()}
+
+    optimizer = pl_module.optimizers()
+    return {
+        "policy": to_cpu(pl_module.policy.state_dict()),
+        "critic": to_cpu(pl_module.critic.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
+
+
+def _restore(pl_module: LightningModule, snapshot: dict[str, Any]) -> None:
+    pl_module.policy.load_state_dict(snapshot["policy"])
+    pl_module.critic.load_state_dict(snapshot["critic"])
+    pl_module.optimizers().load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+
+
+class LogprobDriftGuard(HealthGuard):
+    """The ratio-is-1 check: before any update, the log-probs recomputed for the loss must
+    equal the rollout's. ``policy/first_ratio_dev`` is the largest difference on the first
+    minibatch; above ``threshold`` the PPO ratio is biased from the start."""
+
+    def __init__(self, threshold: float = 0.05, warn_every: int = 10) -> None:
+        super().__init__(warn_every)
+        self.threshold = threshold
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stats: dict[str, float]) -> None:
+        drift = stats.get(FIRST_RATIO_DEV)
+        if drift is None:
+            return
+        self.log_metric(pl_module, "health/logprob_drift_alarm", float(drift > self.threshold))
+        if drift > self.threshold:
+            self.warn(pl_module, (
+                f"log-probs recomputed for the update differ from the rollout's by up to {drift:.3g} "
+                f"(threshold {self.threshold}). Usual causes: dropout left on, position ids that ignore left "
+                "padding, a different temperature in sampling and scoring, or low-precision kernels (try fp32 "
+                "for the forward passes)"
+            ))
+
+
+class NegativeKLGuard(HealthGuard):
+    """A mean KL (nats per response) below ``-tolerance``. With the k1 estimator the mean over
+    the policy's own samples cannot be negative in expectation, so it means sampling and scoring
+    disagree."""
+
+    def __init__(self, tolerance: float = 0.1, warn_every: int = 10) -> None:
+        super().__init__(warn_every)
+        self.tolerance = tolerance
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stats: dict[str, float]) -> None:
+        kl = stats.get(MEAN_KL)
+        if kl is None:
+            return
+        self.log_metric(pl_module, "health/negative_kl_alarm", float(kl < -self.tolerance))
+        if kl < -self.tolerance:
+            self.warn(pl_module, (
+                f"mean KL(policy || reference) is {kl:.3g} nats per response, negative. Sampling and "
+                "scoring disagree: check that generation.temperature is the one used for log-probs, that "
+                "top_k/top_p are off (0 / 1.0), and that padding and position ids match between "
+                "generation and the forward passes"
+            ))
+
+
+class ExplainedVarianceGuard(HealthGuard):
+    """The critic's explained variance of the returns, after ``warmup`` iterations: below
+    ``threshold`` for ``patience`` iterations in a row, the advantages are mostly noise."""
+
+    def __init__(self, threshold: float = 0.0, warmup: int = 10, patience: int = 5, warn_every: int = 10) -> None:
+        super().__init__(warn_every)
+        self.threshold, self.warmup, self.patience = threshold, warmup, patience
+        self.below = 0
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stats: dict[str, float]) -> None:
+        ev = stats.get(EXPLAINED_VARIANCE)
+        if ev is None or pl_module.iteration <= self.warmup:
+            return
+        self.below = self.below + 1 if ev < self.threshold else 0
+        alarm = self.below >= self.patience
+        self.log_metric(pl_module, "health/explained_variance_alarm", float(alarm))
+        if alarm:
+            self.warn(pl_module, (
+                f"the critic's explained variance has been below {self.threshold} for {self.below} iterations "
+                f"(now {ev:.3g}): its values do not predict the returns. Try a higher critic_learning_rate or "
+                "ppo.vf_coef, a critic initialised from the reward model, or more PPO epochs"
+            ))
+
+
+class LengthGuard(HealthGuard):
+    """Response-length collapse or blow-up, and responses that never stop.
+
+    The baseline is the mean response length of the first iteration, sampled by the policy
+    before any update (the reference policy, when PPO starts from it); it is kept in
+    checkpoints. Warns when the mean length leaves ``[collapse_ratio, blowup_ratio]`` times the
+    baseline, or when more than ``max_no_eos_rate`` of the responses have no EOS.
+    """
+
+    def __init__(self, collapse_ratio: float = 0.3, blowup_ratio: float = 3.0, max_no_eos_rate: float = 0.5,
+                 warn_every: int = 10) -> None:
+        super().__init__(warn_every)
+        self.collapse_ratio, self.blowup_ratio, self.max_no_eos_rate = collapse_ratio, blowup_ratio, max_no_eos_rate
+        self.baseline_length: float | None = None
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stats: dict[str, float]) -> None:
+        length, no_eos = stats.get(RESPONSE_LENGTH), stats.get(NO_EOS_RATE)
+        if length is None:
+            return
+        if self.baseline_length is None:
+            self.baseline_length = max(length, 1e-6)
+        ratio = length / self.baseline_length
+        self.log_metric(pl_module, "health/length_ratio", ratio)
+        if ratio < self.collapse_ratio or ratio > self.blowup_ratio:
+            trend = "collapsed" if ratio < self.collapse_ratio else "blown up"
+            self.warn(pl_module, (
+                f"mean response length {trend} to {length:.1f} tokens, {ratio:.2f}x the starting "
+                f"{self.baseline_length:.1f}: the policy may be exploiting a length preference of the reward. "
+                "Look at the samples; try a larger KL coefficient, a length-normalised reward, or "
+                "scores.missing_eos_penalty"
+            ), kind="length")
+        if no_eos is not None and no_eos > self.max_no_eos_rate:
+            self.warn(pl_module, (
+                f"{no_eos:.0%} of the responses end without EOS (more than {self.max_no_eos_rate:.0%}): they "
+                "hit generation.max_new_tokens. Raise max_new_tokens or set scores.missing_eos_penalty"
+            ), kind="no_eos")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline_length": self.baseline_length}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.baseline_length = state_dict["baseline_length"]
+
+
+DEFAULT_GUARDS: tuple[type[HealthGuard], ...] = (
+    NonFiniteGuard, LogprobDriftGuard, NegativeKLGuard, ExplainedVarianceGuard, LengthGuard,
+)
+
+
+def default_guards(existing: list[Callback]) -> list[HealthGuard]:
+    """One guard of each default class that ``existing`` (the Trainer's callbacks) lacks."""
+    present = {type(c) for c in existing}
+    return [guard() for guard in DEFAULT_GUARDS if not any(issubclass(p, guard) for p in present)]

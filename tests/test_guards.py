@@ -1,0 +1,174 @@
+"""PPO health guards: each guard's metric and warning, and the non-finite guard end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from rlhf_lightning.guards import (
+    ExplainedVarianceGuard,
+    HealthGuard,
+    LengthGuard,
+    LogprobDriftGuard,
+    NegativeKLGuard,
+    NonFiniteGuard,
+    TrainingHealthError,
+)
+from rlhf_lightning.models import is_complete_hf_folder
+from rlhf_lightning.modules import PPOModule
+from rlhf_lightning.tasks import gold_rewards
+
+from .test_ppo import fit, small_ppo
+
+
+class StubModule:
+    """What a guard reads from a PPOModule: the iteration and a ``log`` method."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+        self.logged: dict[str, float] = {}
+        self.last_nonfinite = ""
+
+    def log(self, name: str, value: float, **kwargs) -> None:
+        self.logged[name] = value
+
+
+def run(guard, stats_per_iteration: list[dict[str, float]]) -> StubModule:
+    module = StubModule()
+    for stats in stats_per_iteration:
+        module.iteration += 1
+        guard.check(None, module, stats)
+    return module
+
+
+def test_logprob_drift_guard_warns_over_threshold():
+    module = run(LogprobDriftGuard(threshold=0.05), [{"policy/first_ratio_dev": 0.0}])
+    assert module.logged["health/logprob_drift_alarm"] == 0.0
+    with pytest.warns(UserWarning, match="log-probs recomputed .* differ .* by up to 0.3.*position ids"):
+        module = run(LogprobDriftGuard(threshold=0.05), [{"policy/first_ratio_dev": 0.3}])
+    assert module.logged["health/logprob_drift_alarm"] == 1.0
+
+
+def test_negative_kl_guard_names_the_usual_causes():
+    module = run(NegativeKLGuard(tolerance=0.1), [{"objective/kl": -0.05}])
+    assert module.logged["health/negative_kl_alarm"] == 0.0
+    with pytest.warns(UserWarning, match="negative.*temperature.*top_k/top_p.*padding"):
+        module = run(NegativeKLGuard(tolerance=0.1), [{"objective/kl": -0.5}])
+    assert module.logged["health/negative_kl_alarm"] == 1.0
+
+
+def test_explained_variance_guard_waits_for_warmup_and_patience():
+    guard = ExplainedVarianceGuard(threshold=0.0, warmup=2, patience=2)
+    low = {"val/explained_variance": -0.4}
+    module = run(guard, [low, low, low])  # iterations 1-2 are warm-up, 3 is the first low one
+    assert module.logged["health/explained_variance_alarm"] == 0.0
+    with pytest.warns(UserWarning, match="explained variance has been below 0.0 for 2 iterations"):
+        guard.check(None, module, low)
+    assert module.logged["health/explained_variance_alarm"] == 1.0
+    guard.check(None, module, {"val/explained_variance": 0.5})
+    assert module.logged["health/explained_variance_alarm"] == 0.0
+
+
+def test_length_guard_measures_against_the_first_iteration_and_counts_missing_eos():
+    guard = LengthGuard(collapse_ratio=0.3, blowup_ratio=3.0, max_no_eos_rate=0.5)
+    module = run(guard, [{"val/response_length": 20.0, "val/no_eos_rate": 0.0}, {"val/response_length": 30.0}])
+    assert module.logged["health/length_ratio"] == pytest.approx(1.5)
+    with pytest.warns(UserWarning, match="length collapsed to 4.0 tokens, 0.20x the starting 20.0"):
+        guard.check(None, module, {"val/response_length": 4.0})
+    with pytest.warns(UserWarning, match="80% of the responses end without EOS"):
+        guard.check(None, module, {"val/response_length": 20.0, "val/no_eos_rate": 0.8})
+    # The baseline survives a checkpoint.
+    restored = LengthGuard()
+    restored.load_state_dict(guard.state_dict())
+    assert restored.baseline_length == 20.0
+
+
+def test_warnings_are_rate_limited():
+    guard = NegativeKLGuard(tolerance=0.1, warn_every=10)
+    with pytest.warns(UserWarning) as caught:
+        run(guard, [{"objective/kl": -1.0}] * 12)
+    assert len(caught) == 2  # iterations 1 and 11
+
+
+def test_default_guards_are_added_and_a_configured_one_replaces_its_default(tmp_path: Path, byte_gpt2_dir: Path):
+    configured = ExplainedVarianceGuard(warmup=0, patience=1, threshold=2.0)  # always alarms
+    module = small_ppo(byte_gpt2_dir, tmp_path)
+    with pytest.warns(UserWarning, match="explained variance"):
+        trainer = fit(module, iterations=2, callbacks=[configured])
+    guards = [c for c in trainer.callbacks if isinstance(c, ExplainedVarianceGuard)]
+    assert guards == [configured]
+    for guard in (NonFiniteGuard, LogprobDriftGuard, NegativeKLGuard, LengthGuard):
+        assert sum(isinstance(c, guard) for c in trainer.callbacks) == 1
+    metrics = trainer.callback_metrics
+    for name in ("health/nonfinite_failures", "health/restores", "health/logprob_drift_alarm",
+                 "health/negative_kl_alarm", "health/length_ratio", "health/grad_norm", "health/nonfinite_steps"):
+        assert name in metrics, name
+    assert metrics["health/explained_variance_alarm"] == 1.0
+    assert metrics["health/nonfinite_steps"] == 0.0
+    assert torch.isfinite(metrics["health/grad_norm"])
+
+
+def test_guards_can_be_switched_off(tmp_path: Path, byte_gpt2_dir: Path):
+    trainer = fit(small_ppo(byte_gpt2_dir, tmp_path, health_guards=False), iterations=1)
+    assert not any(isinstance(c, (NonFiniteGuard, LengthGuard)) for c in trainer.callbacks)
+
+
+def nan_after(iterations: int):
+    """A gold reward that turns to NaN from call ``iterations + 1`` on."""
+    calls = []
+
+    def reward(prompts, completions):
+        calls.append(1)
+        scores = gold_rewards(prompts, completions)
+        return scores if len(calls) <= iterations else [float("nan")] * len(scores)
+
+    return reward
+
+
+def test_nan_reward_skips_updates_then_stops_with_a_clear_error(tmp_path: Path, byte_gpt2_dir: Path):
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_fn=nan_after(1))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    guard = NonFiniteGuard(restore_after=2, stop_after=3)
+    weights_after_first = {}
+
+    class Record(HealthGuard):  # remember the policy after the last good iteration
+        def check(self, trainer, pl_module, stats):
+            if pl_module.iteration == 1:
+                weights_after_first.update({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
+
+    with pytest.warns(UserWarning, match="non-finite score"), \
+            pytest.raises(TrainingHealthError, match="3 PPO iterations in a row with non-finite values.*scores"):
+        fit(module, iterations=10, callbacks=[guard, checkpoints, Record()])
+    assert module.iteration == 4  # one good iteration, then three skipped ones
+    assert guard.restores == 1
+    for name, value in module.policy.state_dict().items():  # never trained on NaN
+        assert torch.equal(value, weights_after_first[name]), name
+    assert (tmp_path / "ckpt" / "epoch=0-step=4.ckpt").exists()  # written before the failure, intact
+    torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=False)
+    assert not is_complete_hf_folder(tmp_path / "policy")  # no export of a failed run
+
+
+def test_diverged_policy_is_restored_and_training_goes_on(tmp_path: Path, byte_gpt2_dir: Path):
+    class Diverging(PPOModule):
+        """Corrupts the policy once, during the second iteration's scoring."""
+
+        def compute_scores(self, responses):
+            if self.iteration == 1 and not getattr(self, "corrupted", False):
+                self.corrupted = True
+                with torch.no_grad():
+                    self.policy.get_output_embeddings().weight.fill_(float("nan"))
+            return super().compute_scores(responses)
+
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_fn=gold_rewards)
+    module.__class__ = Diverging
+    guard = NonFiniteGuard(restore_after=2, stop_after=4)
+    with pytest.warns(UserWarning, match="restored the last good policy"):
+        trainer = fit(module, iterations=5, callbacks=[guard])
+    assert module.iteration == 5
+    assert guard.restores == 1 and guard.consecutive_failures == 0
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert trainer.callback_metrics["health/nonfinite_steps"] == 0.0  # the last iteration trained normally
+    assert is_complete_hf_folder(tmp_path / "policy")
