@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -229,7 +230,7 @@ def test_sigkill_mid_session_loses_no_acknowledged_label(tmp_path: Path) -> None
                                                   "choice": "ranked", "order": [0, 1], "comment": "x" * 200})
                 with lock:
                     acknowledged.append((name, reply["saved"]))
-        except OSError:  # the server is gone
+        except (OSError, ValueError, http.client.HTTPException):  # the server is gone (maybe mid-reply)
             return
 
     annotators = [threading.Thread(target=annotate, args=(f"a{n}",)) for n in range(4)]

@@ -112,9 +112,10 @@ def create_app(session: LabelSession) -> Flask:
             raise InvalidRequest(f"annotator name must be 1 to {MAX_NAME} characters")
         return value.strip()
 
-    def progress(annotator: str) -> dict[str, Any]:
-        items = session.pool.items()
-        done = done_items(session.log.records(), annotator)
+    def progress(annotator: str, items: list[Item] | None = None, done: set[str] | None = None) -> dict[str, Any]:
+        """``done``/``total`` of the progress bar, and the state of candidate sampling."""
+        items = session.pool.items() if items is None else items
+        done = done_items(session.log.records(), annotator) if done is None else done
         return {"done": sum(item.id in done for item in items), "total": session.pool.total,
                 "generating": not session.pool.finished, "generation_error": session.pool.error}
 
@@ -135,9 +136,9 @@ def create_app(session: LabelSession) -> Flask:
     @app.get("/api/next")
     def next_item() -> Response:
         annotator = annotator_of(request.args.get("annotator"))
-        done = done_items(session.log.records(), annotator)
-        state = progress(annotator)
-        item = next((i for i in session.pool.items() if i.id not in done), None)
+        items, done = session.pool.items(), done_items(session.log.records(), annotator)
+        state = progress(annotator, items, done)
+        item = next((i for i in items if i.id not in done), None)
         if item is None:
             return jsonify(item=None, **state)
         shown = shown_order(session.seed, annotator, item.id, len(item.responses))
