@@ -136,3 +136,54 @@ def test_sigkill_during_export_leaves_no_finished_looking_folder(tmp_path: Path)
     kill(process)
     assert not target.exists()
     assert not any(is_complete_hf_folder(p) for p in tmp_path.iterdir())
+
+
+def sft_stage(tmp_path: Path, model_dir: Path):
+    from rlhf_lightning.data import SFTDataModule
+    from rlhf_lightning.modules import SFTModule
+
+    records = [{"prompt": f"Review {i}: it was", "completion": f" good {i}. I liked the plot."} for i in range(40)]
+    train = write_jsonl(tmp_path / "sft.jsonl", records)
+    return (SFTModule(model_name_or_path=str(model_dir), learning_rate=1e-2, warmup_steps=2, export_dir=None, num_samples=0),
+            SFTDataModule(train_file=str(train), val_fraction=0.0, batch_size=4, max_length=64))
+
+
+def reward_stage(tmp_path: Path, model_dir: Path):
+    from rlhf_lightning.data import PreferenceDataModule
+    from rlhf_lightning.modules import RewardModule
+
+    records = [{"prompt": f"Review {i}:", "chosen": f" great {i}.", "rejected": f" bad {i} bad."} for i in range(40)]
+    train = write_jsonl(tmp_path / "prefs.jsonl", records)
+    return (RewardModule(str(model_dir), learning_rate=1e-2, warmup_steps=2, export_dir=None, normalize=False),
+            PreferenceDataModule(train_file=str(train), val_fraction=0.0, batch_size=4))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("stage", [sft_stage, reward_stage], ids=["sft", "reward"])
+def test_sft_and_reward_stages_resume_mid_epoch_exactly(tmp_path: Path, byte_gpt2_dir: Path, stage):
+    """10 batches per epoch, 13 steps; resumed from the mid-epoch checkpoint of step 7, the run
+    ends with the weights of the uninterrupted one."""
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(callbacks: list | None = None) -> Trainer:
+        return Trainer(max_steps=13, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       limit_val_batches=0, callbacks=callbacks, enable_checkpointing=bool(callbacks), deterministic=True)
+
+    seed_everything(0)
+    straight, data = stage(tmp_path, byte_gpt2_dir)
+    trainer([ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)]).fit(straight, datamodule=data)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=7.ckpt"
+    assert torch.load(checkpoint, weights_only=False)[type(data).__qualname__] == {"epoch": 0, "consumed_batches": 7}
+
+    seed_everything(123)  # a resumed process starts with other RNG states
+    resumed, data = stage(tmp_path, byte_gpt2_dir)
+    trainer().fit(resumed, datamodule=data, ckpt_path=checkpoint)
+    for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)

@@ -9,6 +9,7 @@ trained (its ``tokenizer`` attribute), so a YAML config names the model only onc
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Callable
 
 from lightning.pytorch import LightningDataModule
@@ -144,10 +145,9 @@ class _JSONLDataModule(LightningDataModule):
                 rank=trainer.global_rank if trainer is not None else 0,
                 seed=self.seed,
             )
-            if self._resume_position is not None:
+            if self._resume_position is not None:  # every loader of this fit (Lightning may build several)
                 epoch, consumed_batches = self._resume_position
                 sampler.resume(epoch, consumed_batches * batch_size)
-                self._resume_position = None
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -176,6 +176,11 @@ class _JSONLDataModule(LightningDataModule):
         """On resume, the next training loader continues that epoch after the consumed batches."""
         self._position = (state_dict["epoch"], state_dict["consumed_batches"])
         self._resume_position = self._position
+        # Lightning only knows stateful DataLoaders; this data module resumes through its sampler.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+    def teardown(self, stage: str) -> None:
+        self._resume_position = None  # a later fit without a checkpoint starts from the beginning
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size)
