@@ -41,3 +41,26 @@ def export_and_hang(target: str, marker: str) -> None:
 
     tokenizer.save_pretrained = hang
     save_hf_folder(target, model, tokenizer)
+
+
+def checkpoint_and_hang(path: str, marker: str) -> None:
+    """Save one complete checkpoint at ``path``, then start a second save and hang half-way."""
+    import torch
+
+    from rlhf_lightning.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"version": 1, "weights": torch.zeros(1000)}, path)
+    real_save = torch.save
+
+    def partial_save(obj: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+        file.write(b"half a checkpoint")
+        file.flush()
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(600)
+
+    torch.save = partial_save
+    try:
+        io.save_checkpoint({"version": 2, "weights": torch.ones(1000)}, path)
+    finally:
+        torch.save = real_save

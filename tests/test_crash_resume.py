@@ -187,3 +187,23 @@ def test_sft_and_reward_stages_resume_mid_epoch_exactly(tmp_path: Path, byte_gpt
     trainer().fit(resumed, datamodule=data, ckpt_path=checkpoint)
     for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path: Path):
+    target, marker = tmp_path / "ckpt" / "last.ckpt", tmp_path / "saving"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    code = f"from tests.crash_helpers import checkpoint_and_hang; checkpoint_and_hang({str(target)!r}, {str(marker)!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(marker, process)
+    kill(process)
+    assert torch.load(target, weights_only=True)["version"] == 1  # the old one, complete
+
+
+def test_modules_write_checkpoints_atomically(tmp_path: Path, byte_gpt2_dir: Path):
+    from rlhf_lightning.checkpoint_io import AtomicCheckpointIO
+
+    from .test_ppo import fit, small_ppo
+
+    trainer = fit(small_ppo(byte_gpt2_dir, tmp_path), iterations=1)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..checkpoint_io import use_atomic_checkpoints
 from ..models import load_tokenizer
 from ..optim import adamw, warmup_schedule
 from .export import check_export_dirs
@@ -33,8 +34,10 @@ class HFModelModule(LightningModule):
 
     def on_fit_start(self) -> None:
         """Before the first step: refuse to train when ``export_dir`` already holds a finished
-        model (unless ``overwrite_export``), so an earlier result is never replaced by accident."""
+        model (unless ``overwrite_export``), so an earlier result is never replaced by accident;
+        write checkpoints atomically."""
         check_export_dirs(self, {"export_dir": self.hparams.export_dir}, self.hparams.overwrite_export)
+        use_atomic_checkpoints(self.trainer)
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         """Apply the module-wide model options (gradient checkpointing)."""

@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
+from ..checkpoint_io import use_atomic_checkpoints
 from ..evaluation import gold_judgements, sample_responses, sequence_kl
 from ..guards import NONFINITE_STEPS, default_guards
 from ..errors import UserInputError
@@ -416,6 +417,7 @@ class PPOModule(LightningModule):
     def on_fit_start(self) -> None:
         exports = {"policy_export_dir": self.hparams.policy_export_dir, "critic_export_dir": self.hparams.critic_export_dir}
         check_export_dirs(self, exports, self.hparams.overwrite_export)
+        use_atomic_checkpoints(self.trainer)
 
     def configure_callbacks(self) -> list[Callback]:
         if not self.hparams.get("health_guards", True):

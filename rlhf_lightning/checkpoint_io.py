@@ -1,0 +1,53 @@
+"""Checkpoint files that are either complete or absent, also after a SIGKILL.
+
+Lightning's default writer stages a checkpoint in the system temp folder and then *moves* it
+to the checkpoint folder; across filesystems that move is a copy, and a kill during it leaves
+a truncated ``last.ckpt`` that the next ``--ckpt_path`` fails on. This writer stages the file
+next to its destination, syncs it to disk and renames it into place (an atomic step on POSIX),
+so a resumed run always finds the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from fsspec.implementations.local import LocalFileSystem
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with same-folder staging, fsync and rename for local paths."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(staging, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(staging, target)
+            directory = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # make the rename itself durable
+            finally:
+                os.close(directory)
+        finally:
+            if staging.exists():
+                staging.unlink()
+
+
+def use_atomic_checkpoints(trainer: Any) -> None:
+    """Swap Lightning's default checkpoint writer for :class:`AtomicCheckpointIO`; a writer the
+    user chose (or a strategy's own, e.g. DeepSpeed's) is left alone."""
+    strategy = trainer.strategy
+    if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
