@@ -27,7 +27,7 @@ EXPECTED = {"label_smoothing_sft", "gold_minus_length", "reward_to_go_advantages
 def page_examples() -> dict[str, str]:
     """``{NAME: code}`` of the page's python blocks that start with ``# example: NAME``."""
     examples = {}
-    for code in re.findall(r"^```python\n(.*?)^```", PAGE.read_text(encoding="utf-8"), flags=re.S | re.M):
+    for code in re.findall(r"^```python\n(.*?)^```", PAGE.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE):
         match = re.match(r"# example: (\S+)\n", code)
         if match:
             examples[match.group(1)] = code

@@ -20,11 +20,16 @@ import pytest
 
 pytest.importorskip("flask", reason="the labelling app needs Flask: pip install -e '.[label]'")
 
-from rlhf_lightning.labelling import cli as label_cli  # noqa: E402
-from rlhf_lightning.labelling.app import LabelSession, create_app, is_loopback, shown_order  # noqa: E402
-from rlhf_lightning.labelling.candidates import CandidatePool, Item, read_candidates  # noqa: E402
-from rlhf_lightning.labelling.storage import AnnotationLog, judgements, read_log  # noqa: E402
-from tests.conftest import write_lines  # noqa: E402
+from rlhf_lightning.labelling import cli as label_cli
+from rlhf_lightning.labelling.app import (
+    LabelSession,
+    create_app,
+    is_loopback,
+    shown_order,
+)
+from rlhf_lightning.labelling.candidates import CandidatePool, Item, read_candidates
+from rlhf_lightning.labelling.storage import AnnotationLog, judgements, read_log
+from tests.conftest import write_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 

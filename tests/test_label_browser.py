@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("flask", reason="the labelling app needs Flask: pip install -e '.[label]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e '.[test]'")
 
-from rlhf_lightning.labelling.export import export_annotations  # noqa: E402
-from rlhf_lightning.labelling.storage import judgements, read_log  # noqa: E402
-from tests.test_label_app import make_session, running_server  # noqa: E402
+from rlhf_lightning.labelling.export import export_annotations
+from rlhf_lightning.labelling.storage import judgements, read_log
+from tests.test_label_app import make_session, running_server
 
 CHROMIUM = os.environ.get("RLHF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

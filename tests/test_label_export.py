@@ -8,7 +8,11 @@ import pytest
 
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PreferenceDataModule, read_preferences
-from rlhf_lightning.labelling.export import agreement, export_annotations, judgement_pairs
+from rlhf_lightning.labelling.export import (
+    agreement,
+    export_annotations,
+    judgement_pairs,
+)
 from rlhf_lightning.labelling.storage import AnnotationLog, make_judgement
 
 RESPONSES = ["r0", "r1", "r2"]

@@ -92,7 +92,12 @@ def test_pipeline_rejects_unknown_stage_and_key(tmp_path: Path, capsys):
 def test_pipeline_reruns_stages_with_overwrite_export(tmp_path: Path, capsys):
     """A stage the pipeline runs replaces its old output on purpose, so each command lifts the
     stages' refusal to overwrite a finished export folder, and each stage accepts the key."""
-    from rlhf_lightning.pipeline import OVERWRITE, PipelineConfig, stage_commands, stage_outputs
+    from rlhf_lightning.pipeline import (
+        OVERWRITE,
+        PipelineConfig,
+        stage_commands,
+        stage_outputs,
+    )
 
     config = PipelineConfig(**yaml.safe_load(tiny_stage_configs(tmp_path).read_text()))
     for stage, command in stage_commands(config, stage_outputs(config)).items():

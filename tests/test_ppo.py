@@ -11,7 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rlhf_lightning import rollout as rollout_module
 from rlhf_lightning.data import PromptDataModule
-from rlhf_lightning.models import is_complete_hf_folder, load_causal_lm, load_sequence_scorer, load_tokenizer, save_hf_folder
+from rlhf_lightning.models import (
+    is_complete_hf_folder,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    save_hf_folder,
+)
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
 from rlhf_lightning.rollout import GenerationSettings, RolloutLoop
 from rlhf_lightning.tasks import gold_rewards

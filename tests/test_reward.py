@@ -15,7 +15,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PreferenceDataModule
 from rlhf_lightning.data.encoding import attention_mask_for, encode_preference, pad
-from rlhf_lightning.models import is_complete_hf_folder, load_sequence_scorer, load_tokenizer
+from rlhf_lightning.models import (
+    is_complete_hf_folder,
+    load_sequence_scorer,
+    load_tokenizer,
+)
 from rlhf_lightning.modules import RewardModule
 from rlhf_lightning.modules.reward import pair_accuracy
 from rlhf_lightning.reward_scoring import (

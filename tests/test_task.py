@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-
-from rlhf_lightning.tasks import (  # noqa: E402
+from rlhf_lightning.tasks import (
     DEFAULT_NOISE_TEMPERATURE,
     DEFAULT_SIZES,
     PROMPTS,
@@ -26,7 +25,7 @@ from rlhf_lightning.tasks import (  # noqa: E402
     sentiment_label,
     write_task_files,
 )
-from rlhf_lightning.tasks.sentiment import DEGENERATE_KINDS, MAX_TEXT_BYTES  # noqa: E402
+from rlhf_lightning.tasks.sentiment import DEGENERATE_KINDS, MAX_TEXT_BYTES
 
 P = PROMPTS[0]
 POSITIVE = " really great and fun. I loved the music."

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
@@ -274,4 +275,11 @@ class PromptDataModule(_JSONLDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Every PPO batch is full: a short last batch would change whitening statistics.
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_dataset) < self.batch_size * world_size:
+            raise UserInputError(
+                f"{self.train_file or BUILTIN}: {len(self.train_dataset)} prompts, fewer than one PPO batch "
+                f"(data.init_args.batch_size={self.batch_size} x {world_size} processes), so no iteration would "
+                "run; hint: add prompts or lower batch_size"
+            )
         return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size, drop_last=True)

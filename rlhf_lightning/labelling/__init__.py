@@ -9,7 +9,13 @@
 Only :mod:`.app` (and serving) needs Flask; the rest works with the base install.
 """
 
-from .candidates import CandidateGenerator, CandidatePool, Item, SamplingSettings, read_candidates
+from .candidates import (
+    CandidateGenerator,
+    CandidatePool,
+    Item,
+    SamplingSettings,
+    read_candidates,
+)
 from .export import agreement, export_annotations, judgement_pairs
 from .storage import AnnotationLog, judgements, read_log
 

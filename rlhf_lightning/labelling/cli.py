@@ -19,7 +19,13 @@ from typing import Any
 from ..data.records import read_prompts
 from ..errors import UserInputError
 from ..rollout import GenerationSettings
-from .candidates import CandidateGenerator, CandidatePool, SamplingSettings, check_policy, read_candidates
+from .candidates import (
+    CandidateGenerator,
+    CandidatePool,
+    SamplingSettings,
+    check_policy,
+    read_candidates,
+)
 from .export import KEEP_CHOICES, export_annotations
 from .storage import AnnotationLog
 

@@ -25,13 +25,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
 from ..checkpoint_io import use_atomic_checkpoints
+from ..errors import UserInputError
 from ..evaluation import gold_judgements, sample_responses, sequence_kl
 from ..guards import NONFINITE_STEPS, default_guards
-from ..errors import UserInputError
 from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
-from ..rollout import GenerationSettings, Responses, RolloutBatch, RolloutLoop, response_logprobs, token_values
+from ..rollout import (
+    GenerationSettings,
+    Responses,
+    RolloutBatch,
+    RolloutLoop,
+    response_logprobs,
+    token_values,
+)
 from ..text_logging import log_text_samples
 from .export import check_export_dirs, export_at_fit_end
 
@@ -216,7 +223,7 @@ class PPOModule(LightningModule):
     def rollout_loop(self) -> RolloutLoop:
         reduce = None
         if self.trainer.world_size > 1:
-            reduce = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")  # noqa: E731
+            reduce = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")
         return self.rollout_loop_class(
             policy=self.policy, reference=self.reference, critic=self.critic, score_fn=self.compute_scores,
             tokenizer=self.tokenizer, generation=self.generation, kl_estimator=self.kl.estimator,

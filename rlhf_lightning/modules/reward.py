@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
@@ -12,7 +11,12 @@ from transformers import PreTrainedModel
 from ..data.encoding import attention_mask_for, encode_preference, pad
 from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
 from ..models import load_sequence_scorer
-from ..reward_scoring import REWARD_OFFSET_KEY, bradley_terry_loss, score_sequences, sequence_rewards
+from ..reward_scoring import (
+    REWARD_OFFSET_KEY,
+    bradley_terry_loss,
+    score_sequences,
+    sequence_rewards,
+)
 from .base import HFModelModule
 from .export import export_at_fit_end
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -13,9 +12,9 @@ from transformers import PreTrainedModel
 from ..data.encoding import IGNORE_INDEX
 from ..generation import sample_texts
 from ..models import load_causal_lm
+from ..text_logging import log_text_samples
 from .base import HFModelModule
 from .export import export_at_fit_end
-from ..text_logging import log_text_samples
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
