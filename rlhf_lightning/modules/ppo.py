@@ -103,7 +103,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
-    """The L2 norm of all gradients the optimiser would apply (after clipping)."""
+    """The L2 norm of all gradients the optimiser would apply (after clipping); 0 under a
+    strategy that keeps gradients off the parameters (DeepSpeed), where no step is skipped."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
@@ -255,8 +256,9 @@ class PPOModule(LightningModule):
         rollout = self.rollout_loop().run(batch["prompt_ids"], batch["prompt_mask"], self.kl_controller.value)
         rollout_seconds = time.perf_counter() - started
         nonfinite = rollout.nonfinite_fields()
-        if nonfinite:  # never learn from NaN: skip every step of this iteration
-            self.last_nonfinite = "non-finite rollout " + ", ".join(nonfinite)
+        flag = torch.tensor(float(bool(nonfinite)), device=rollout.scores.device)
+        if self.trainer.strategy.reduce(flag, reduce_op="sum").item() > 0:  # on any rank: all ranks skip
+            self.last_nonfinite = "non-finite rollout " + (", ".join(nonfinite) or "on another process")
             update_stats = {NONFINITE_STEPS: torch.tensor(float(self.ppo.epochs * self.ppo.num_minibatches))}
         else:
             update_stats = self.ppo_update(rollout)
@@ -353,7 +355,7 @@ class PPOModule(LightningModule):
         micro_size = batch_size // micro_batches
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         collected: dict[str, list[Tensor]] = defaultdict(list)
-        skipped, finite_losses = 0, True
+        skipped = 0
         for epoch in range(settings.epochs):
             order = torch.randperm(batch_size, device=rollout.response_ids.device)
             for step in range(micro_batches):
@@ -362,20 +364,19 @@ class PPOModule(LightningModule):
                 deviation = stats.pop("logprob_dev_max")
                 if epoch == 0 and step == 0:
                     stats["policy/first_ratio_dev"] = deviation
-                finite_losses &= bool(torch.isfinite(loss))
-                if finite_losses:
-                    self.manual_backward(loss / settings.gradient_accumulation_steps)
+                # A NaN loss gives NaN gradients, and DDP's gradient all-reduce hands them to every
+                # rank: the gradient norm decides the skip, the same way on all processes.
+                self.manual_backward(loss / settings.gradient_accumulation_steps)
                 if (step + 1) % settings.gradient_accumulation_steps == 0:
                     self.clip_gradients(optimizer, gradient_clip_val=settings.max_grad_norm, gradient_clip_algorithm="norm")
                     grad_norm = gradient_norm(optimizer)
-                    if finite_losses and torch.isfinite(grad_norm):
+                    if torch.isfinite(grad_norm):
                         optimizer.step()
                     else:
                         skipped += 1
-                        self.last_nonfinite = "non-finite loss" if not finite_losses else "non-finite gradient norm"
+                        self.last_nonfinite = "non-finite loss or gradient norm"
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                    finite_losses = True
                     stats["health/grad_norm"] = grad_norm
                 for name, value in stats.items():
                     collected[name].append(value.detach().float())
