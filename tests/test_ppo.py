@@ -57,7 +57,8 @@ def small_ppo(policy: Path, tmp_path: Path, **overrides) -> PPOModule:
 
 def fit(module: PPOModule, iterations: int, tmp_path: Path | None = None, **trainer_kwargs) -> Trainer:
     module.hparams.max_iterations = iterations
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=bool(trainer_kwargs.get("callbacks")),
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in trainer_kwargs.get("callbacks", []))
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=checkpointing,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       num_sanity_val_steps=0, **trainer_kwargs)
     trainer.fit(module, datamodule=PromptDataModule(batch_size=8, max_length=64))
