@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -61,8 +62,7 @@ class _JSONLDataModule(LightningDataModule):
         self.val_records: list[Record] = []
         self.train_dataset: list[dict[str, Any]] = []
         self.val_dataset: list[dict[str, Any]] = []
-        self._position: tuple[int, int] = (0, 0)  # (epoch, training batches consumed in it)
-        self._resume_position: tuple[int, int] | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches consumed) to skip
 
     # --- what a subclass supplies -------------------------------------------------------
     def read(self, path: str) -> list[Record]:
@@ -160,23 +160,18 @@ class _JSONLDataModule(LightningDataModule):
         )
 
     # --- exact resume: where in the epoch training stopped ------------------------------
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training batches handed to the model in the current epoch."""
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            epoch, consumed = self._position
-            self._position = (trainer.current_epoch, consumed + 1 if epoch == trainer.current_epoch else 1)
-        return batch
-
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the epoch and how many of its batches were consumed."""
-        epoch, consumed = self._position
-        return {"epoch": epoch, "consumed_batches": consumed}
+        """Saved in every checkpoint of a fit: the epoch, and how many of its training batches
+        the model has processed (Lightning's own count; the one prefetched batch is not in it)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "consumed_batches": processed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume, the next training loader continues that epoch after the consumed batches."""
-        self._position = (state_dict["epoch"], state_dict["consumed_batches"])
-        self._resume_position = self._position
+        self._resume_position = (state_dict["epoch"], state_dict["consumed_batches"])
         # Lightning only knows stateful DataLoaders; this data module resumes through its sampler.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
