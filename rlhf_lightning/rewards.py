@@ -11,10 +11,10 @@ A third way is to subclass :class:`~rlhf_lightning.modules.PPOModule` and overri
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -84,8 +84,9 @@ class CallableScorer:
         scores = scores.reshape(-1).to(responses.prompt_ids.device)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
-            rank_zero_warn(
+            warnings.warn(
                 f"reward function {name} returned a non-finite score for {len(bad)} responses, "
-                f"e.g. prompt {responses.prompts[bad[0]]!r} -> completion {responses.completions[bad[0]]!r}"
+                f"e.g. prompt {responses.prompts[bad[0]]!r} -> completion {responses.completions[bad[0]]!r}",
+                stacklevel=2,
             )
         return scores
