@@ -1,4 +1,5 @@
-"""The code examples of docs/subclassing.md run and do what the page says.
+"""The code examples of docs/subclassing.md run and do what the page says; docs/config.md
+matches the code and the demo configs.
 
 Every ```python block whose first line is ``# example: NAME`` is executed as it stands in the
 page; each class is then trained for a step or an iteration on a tiny model.
@@ -20,7 +21,8 @@ from rlhf_lightning.modules.sft import causal_lm_loss
 from rlhf_lightning.rollout import GenerationSettings
 from rlhf_lightning.tasks import gold_rewards
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "subclassing.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGE = DOCS / "subclassing.md"
 EXPECTED = {"label_smoothing_sft", "gold_minus_length", "reward_to_go_advantages", "tsv_sft_data"}
 
 
@@ -168,3 +170,50 @@ def test_tsv_data_module(examples, tmp_path: Path):
     bad.write_text("prompt\tcompletion\nReview: The film was\t\n", encoding="utf-8")
     with pytest.raises(Exception, match=r"bad\.tsv:2"):
         cls(train_file=str(bad), tokenizer="preset:micro-gpt2").setup("fit")
+
+
+def module_table(module: str) -> dict[str, tuple[str, str]]:
+    """``key -> (default cell, demo cell)`` of the first table under ``## `{module}` `` in docs/config.md."""
+    text = (DOCS / "config.md").read_text(encoding="utf-8")
+    section = text.split(f"## `{module}`", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.split("\n\n| Key", 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def cell_value(cell: str) -> object:
+    """A table cell as YAML (``1e-05`` too, which YAML 1.1 reads as a string)."""
+    import yaml
+
+    value = yaml.safe_load(cell.strip("`"))
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+@pytest.mark.parametrize("module, demo", [("SFTModule", "sft"), ("RewardModule", "reward"), ("PPOModule", "ppo")])
+def test_config_reference_matches_the_code_and_the_demo_configs(module: str, demo: str):
+    """docs/config.md lists every argument of each stage module with its real default and the
+    value the demo YAML sets (an empty demo cell: the demo keeps the default)."""
+    import dataclasses
+    import inspect
+
+    import yaml
+
+    import rlhf_lightning.modules as modules
+
+    parameters = {name: p.default for name, p in inspect.signature(getattr(modules, module).__init__).parameters.items()
+                  if name != "self" and not dataclasses.is_dataclass(p.default)}
+    table = module_table(module)
+    assert set(table) == set(parameters)
+    demo_args = yaml.safe_load((DOCS.parent / "configs" / "demo" / f"{demo}.yaml").read_text())["model"]["init_args"]
+    for key, (default_cell, demo_cell) in table.items():
+        default = parameters[key]
+        assert cell_value(default_cell) == (list(default) if isinstance(default, tuple) else default), key
+        if key in demo_args and demo_args[key] != default:
+            assert cell_value(demo_cell) == demo_args[key], key
