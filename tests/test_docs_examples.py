@@ -205,7 +205,7 @@ def test_config_reference_matches_the_code_and_the_demo_configs(module: str, dem
 
     import yaml
 
-    import rlhf_lightning.modules as modules
+    from rlhf_lightning import modules
 
     parameters = {name: p.default for name, p in inspect.signature(getattr(modules, module).__init__).parameters.items()
                   if name != "self" and not dataclasses.is_dataclass(p.default)}
