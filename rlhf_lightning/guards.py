@@ -88,7 +88,7 @@ class NonFiniteGuard(HealthGuard):
         skipped = stats.get(NONFINITE_STEPS, 0.0)
         if skipped == 0:
             self.consecutive_failures = 0
-            if self.snapshot_every and pl_module.iteration % self.snapshot_every == 0:
+            if self.snapshot_every and pl_module.iteration % self.snapshot_every == 0 and _weights_finite(pl_module):
                 self._snapshot = _snapshot(pl_module)
         else:
             self.consecutive_failures += 1
@@ -115,22 +115,35 @@ class NonFiniteGuard(HealthGuard):
         self.consecutive_failures, self.restores = state_dict["consecutive_failures"], state_dict["restores"]
 
 
-def _snapshot(pl_module: LightningModule) -> dict[str, Any]:
-    def to_cpu(state: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()}
+def _weights_finite(pl_module: LightningModule) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in (pl_module.policy, pl_module.critic) for p in m.parameters())
 
-    optimizer = pl_module.optimizers()
+
+def _to_cpu(state: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def _snapshot(pl_module: LightningModule) -> dict[str, Any]:
+    """Policy, critic and optimiser state, in CPU memory (the optimiser moves its state back to
+    each parameter's device when it is loaded)."""
     return {
-        "policy": to_cpu(pl_module.policy.state_dict()),
-        "critic": to_cpu(pl_module.critic.state_dict()),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "policy": _to_cpu(pl_module.policy.state_dict()),
+        "critic": _to_cpu(pl_module.critic.state_dict()),
+        "optimizer": _to_cpu(pl_module.optimizers().state_dict()),
     }
 
 
 def _restore(pl_module: LightningModule, snapshot: dict[str, Any]) -> None:
     pl_module.policy.load_state_dict(snapshot["policy"])
     pl_module.critic.load_state_dict(snapshot["critic"])
-    pl_module.optimizers().load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    pl_module.optimizers().load_state_dict(_to_cpu(snapshot["optimizer"]))
 
 
 class LogprobDriftGuard(HealthGuard):
@@ -201,6 +214,12 @@ class ExplainedVarianceGuard(HealthGuard):
                 f"(now {ev:.3g}): its values do not predict the returns. Try a higher critic_learning_rate or "
                 "ppo.vf_coef, a critic initialised from the reward model, or more PPO epochs"
             ))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"below": self.below}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.below = state_dict["below"]
 
 
 class LengthGuard(HealthGuard):

@@ -165,25 +165,36 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stage", [sft_stage, reward_stage], ids=["sft", "reward"])
-def test_sft_and_reward_stages_resume_mid_epoch_exactly(tmp_path: Path, byte_gpt2_dir: Path, stage):
-    """10 batches per epoch, 13 steps; resumed from the mid-epoch checkpoint of step 7, the run
-    ends with the weights of the uninterrupted one."""
+@pytest.mark.parametrize("stage, at_step, workers", [(sft_stage, 7, 0), (reward_stage, 7, 0), (sft_stage, 13, 1)],
+                         ids=["sft", "reward", "sft-second-epoch-with-a-worker"])
+def test_sft_and_reward_stages_resume_mid_epoch_exactly(tmp_path: Path, byte_gpt2_dir: Path, stage, at_step: int,
+                                                        workers: int):
+    """10 batches per epoch, 17 steps; resumed from the mid-epoch checkpoint of ``at_step``,
+    the run ends with the weights of the uninterrupted one (also in the second epoch, with a
+    loader worker that draws indices before Lightning sets the sampler's epoch)."""
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def trainer(callbacks: list | None = None) -> Trainer:
-        return Trainer(max_steps=13, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        return Trainer(max_steps=17, logger=False, enable_progress_bar=False, enable_model_summary=False,
                        limit_val_batches=0, callbacks=callbacks, enable_checkpointing=bool(callbacks), deterministic=True)
 
+    def make():
+        module, data = stage(tmp_path, byte_gpt2_dir)
+        data.num_workers = workers
+        return module, data
+
     seed_everything(0)
-    straight, data = stage(tmp_path, byte_gpt2_dir)
-    trainer([ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)]).fit(straight, datamodule=data)
-    checkpoint = tmp_path / "ckpt" / "epoch=0-step=7.ckpt"
-    assert torch.load(checkpoint, weights_only=False)[type(data).__qualname__] == {"epoch": 0, "consumed_batches": 7}
+    straight, data = make()
+    trainer([ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at_step, save_top_k=1,
+                             monitor="step", mode="min")]).fit(straight, datamodule=data)
+    epoch, consumed = divmod(at_step, 10)
+    checkpoint = tmp_path / "ckpt" / f"epoch={epoch}-step={at_step}.ckpt"
+    assert torch.load(checkpoint, weights_only=False)[type(data).__qualname__] == {"epoch": epoch,
+                                                                                   "consumed_batches": consumed}
 
     seed_everything(123)  # a resumed process starts with other RNG states
-    resumed, data = stage(tmp_path, byte_gpt2_dir)
+    resumed, data = make()
     trainer().fit(resumed, datamodule=data, ckpt_path=checkpoint)
     for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)

@@ -149,6 +149,7 @@ class _JSONLDataModule(LightningDataModule):
             if self._resume_position is not None:  # every loader of this fit (Lightning may build several)
                 epoch, consumed_batches = self._resume_position
                 sampler.resume(epoch, consumed_batches * batch_size)
+                sampler.set_epoch(epoch)  # workers may draw indices before Lightning sets the epoch
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -259,7 +259,12 @@ class PPOModule(LightningModule):
         flag = torch.tensor(float(bool(nonfinite)), device=rollout.scores.device)
         if self.trainer.strategy.reduce(flag, reduce_op="sum").item() > 0:  # on any rank: all ranks skip
             self.last_nonfinite = "non-finite rollout " + (", ".join(nonfinite) or "on another process")
-            update_stats = {NONFINITE_STEPS: torch.tensor(float(self.ppo.epochs * self.ppo.num_minibatches))}
+            steps = self.ppo.epochs * self.ppo.num_minibatches
+            if not self._loss_scaled():  # a loss scaler refuses a step without gradients
+                optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+                for _ in range(steps):
+                    self._empty_step(optimizer, scheduler)
+            update_stats = {NONFINITE_STEPS: torch.tensor(float(steps))}
         else:
             update_stats = self.ppo_update(rollout)
         update_seconds = time.perf_counter() - started - rollout_seconds
@@ -370,19 +375,33 @@ class PPOModule(LightningModule):
                 if (step + 1) % settings.gradient_accumulation_steps == 0:
                     self.clip_gradients(optimizer, gradient_clip_val=settings.max_grad_norm, gradient_clip_algorithm="norm")
                     grad_norm = gradient_norm(optimizer)
-                    if torch.isfinite(grad_norm):
-                        optimizer.step()
-                    else:
+                    if not torch.isfinite(grad_norm):
                         skipped += 1
                         self.last_nonfinite = "non-finite loss or gradient norm"
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
+                    if torch.isfinite(grad_norm) or self._loss_scaled():  # fp16's scaler skips and backs off
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                    else:
+                        self._empty_step(optimizer, scheduler)
                     stats["health/grad_norm"] = grad_norm
                 for name, value in stats.items():
                     collected[name].append(value.detach().float())
         averaged = {name: torch.stack(values).mean() for name, values in collected.items()}
         averaged[NONFINITE_STEPS] = torch.tensor(float(skipped))
         return averaged
+
+    def _loss_scaled(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    @staticmethod
+    def _empty_step(optimizer: Any, scheduler: Any) -> None:
+        """A skipped optimiser step that still counts: with every gradient dropped, ``step()``
+        changes no weight and no optimiser state, but Lightning's ``global_step`` and the
+        schedule advance, so ``every_n_train_steps`` checkpoints keep their cadence."""
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        scheduler.step()
 
     def configure_optimizers(self) -> dict[str, Any]:
         critic_lr = self.hparams.critic_learning_rate
