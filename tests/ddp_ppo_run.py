@@ -6,6 +6,7 @@ Each rank writes a checksum of its policy weights and its number of optimiser st
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from rlhf_lightning.data import PromptDataModule
@@ -26,3 +27,8 @@ if __name__ == "__main__":
     checksum = sum(float(p.double().sum()) for p in module.policy.parameters())
     critic = sum(float(p.double().sum()) for p in module.critic.parameters())
     (out / f"rank{trainer.global_rank}.txt").write_text(f"{checksum!r} {critic!r} {trainer.global_step} {module.episode}")
+    # Each rank's own RNG state must reach the checkpoint (rank 1 draws once more, so they differ).
+    if trainer.global_rank == 1:
+        torch.rand(1)
+    torch.save(torch.get_rng_state(), out / f"rng{trainer.global_rank}.pt")
+    trainer.save_checkpoint(out / "last.ckpt")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).with_name("ddp_ppo_run.py")
 
@@ -29,3 +30,7 @@ def test_ddp_ranks_hold_identical_weights(tmp_path: Path, byte_gpt2_dir: Path):
     policy_sum, critic_sum, global_step, episodes = rank0
     assert int(global_step) == 2 * 2  # 2 iterations x 1 epoch x 2 minibatches
     assert int(episodes) == 2 * 4 * 2  # iterations x batch x ranks
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["ppo_state"]["rng"]
+    own = [torch.load(tmp_path / f"rng{r}.pt") for r in (0, 1)]
+    assert not torch.equal(own[0], own[1])
+    assert all(torch.equal(saved[r]["torch"], own[r]) for r in (0, 1))  # each rank's own states

@@ -8,6 +8,7 @@ minibatches with manual optimisation. ``trainer.global_step`` therefore counts o
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -493,8 +494,20 @@ class PPOModule(LightningModule):
             "kl_controller": self.kl_controller.state_dict(),
             "iteration": self.iteration,
             "episode": self.episode,
-            "rng": rng_state(),
+            "rng": self._rng_states_of_all_ranks(),
         }
+
+    def _rng_states_of_all_ranks(self) -> list[dict[str, Any]]:
+        """Every process's RNG states, indexed by global rank: under DDP each rank samples its
+        own responses, so each must get its own states back (rank 0 writes the file)."""
+        state = rng_state()
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [state]
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # as bytes: all_gather_object cannot pickle every tensor dtype
+        payloads: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(payloads, buffer.getvalue())
+        return [torch.load(io.BytesIO(payload), weights_only=True) for payload in payloads]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ppo_state")
@@ -503,7 +516,10 @@ class PPOModule(LightningModule):
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.iteration, self.episode = state["iteration"], state["episode"]
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one entry per rank; a run resumed on more ranks reuses rank 0's
+            rng = rng[self.global_rank] if self.global_rank < len(rng) else rng[0]
+        set_rng_state(rng)
 
     def on_fit_end(self) -> None:
         export_at_fit_end(self, self.hparams.policy_export_dir, self.policy, self.tokenizer)
