@@ -117,16 +117,26 @@ def encode_preference(
     return pair
 
 
+def _is_chat_prompt(record: Record) -> bool:
+    return isinstance(record.get("messages", record.get("prompt")), list)
+
+
+def prompt_record_text(record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text a policy continues for a prompt record: the plain prompt, or the chat messages
+    rendered with the tokenizer's template and the generation prompt."""
+    if _is_chat_prompt(record):
+        return _render(tokenizer, record.get("messages", record.get("prompt")), add_generation_prompt=True)
+    return record["prompt"]
+
+
 def encode_prompt_record(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
-    """Prompt ids for generation: plain text, or chat messages with the generation prompt.
+    """Prompt ids for generation (see :func:`prompt_record_text`); a rendered chat template
+    carries its own special tokens, a plain prompt gets BOS where the tokenizer adds one.
 
     Over-long prompts keep their last ``max_length`` tokens (the part next to the response).
     """
-    messages = record.get("messages", record.get("prompt"))
-    if isinstance(messages, list):
-        ids = encode_text(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
-    else:
-        ids = encode_prompt(tokenizer, record["prompt"])
+    text = prompt_record_text(record, tokenizer)
+    ids = encode_text(tokenizer, text) if _is_chat_prompt(record) else encode_prompt(tokenizer, text)
     return ids[-max_length:]
 
 

@@ -17,7 +17,6 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..data.records import DataFormatError, Record, read_jsonl
 from ..errors import UserInputError
@@ -163,18 +162,6 @@ def check_policy(policy: str) -> None:
         )
 
 
-def prompt_texts(records: list[Record], tokenizer: Any) -> list[str]:
-    """Prompt records as the text the policy continues (chat prompts rendered with the template)."""
-    from ..data.encoding import _render
-
-    texts = []
-    for record in records:
-        messages = record.get("messages", record.get("prompt"))
-        chat = isinstance(messages, list)
-        texts.append(_render(tokenizer, messages, add_generation_prompt=True) if chat else messages)
-    return texts
-
-
 class CandidateGenerator(threading.Thread):
     """Samples ``k`` responses per prompt in the background, appending each item to
     ``out_path`` (fsync'ed) and to ``pool`` as soon as it is ready.
@@ -205,11 +192,12 @@ class CandidateGenerator(threading.Thread):
             self.pool.finish()
 
     def _generate(self) -> None:
+        from ..data.encoding import prompt_record_text
         from ..generation import sample_texts
         from ..models import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(self.policy)
-        prompts = prompt_texts(self.prompt_records, tokenizer)
+        prompts = [prompt_record_text(record, tokenizer) for record in self.prompt_records]
         # (prompt index, prompt) -> item of an earlier run; the index tells repeated prompts apart
         earlier = {(r.get("prompt_index"), r["prompt"]): r for r in read_log(self.out.path)}
         todo = []
