@@ -13,12 +13,12 @@ set in YAML like any callback's.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from .errors import UserInputError
 
@@ -62,6 +62,12 @@ class HealthGuard(Callback):
     @staticmethod
     def log_metric(pl_module: LightningModule, name: str, value: float) -> None:
         pl_module.log(name, float(value), on_step=True, on_epoch=False)
+
+    def alarm(self, pl_module: LightningModule, metric: str, fired: bool, message: str) -> None:
+        """Log ``metric`` as 1.0/0.0 and, when it fired, warn with ``message``."""
+        self.log_metric(pl_module, metric, float(fired))
+        if fired:
+            self.warn(pl_module, message)
 
 
 class NonFiniteGuard(HealthGuard):
@@ -121,13 +127,7 @@ def _weights_finite(pl_module: LightningModule) -> bool:
 
 def _to_cpu(state: Any) -> Any:
     """A copy of a (nested) state dict with every tensor on the CPU."""
-    if torch.is_tensor(state):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v) for v in state)
-    return copy.deepcopy(state)
+    return apply_to_collection(state, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _snapshot(pl_module: LightningModule) -> dict[str, Any]:
@@ -159,14 +159,12 @@ class LogprobDriftGuard(HealthGuard):
         drift = stats.get(FIRST_RATIO_DEV)
         if drift is None:
             return
-        self.log_metric(pl_module, "health/logprob_drift_alarm", float(drift > self.threshold))
-        if drift > self.threshold:
-            self.warn(pl_module, (
-                f"log-probs recomputed for the update differ from the rollout's by up to {drift:.3g} "
-                f"(threshold {self.threshold}). Usual causes: dropout left on, position ids that ignore left "
-                "padding, a different temperature in sampling and scoring, or low-precision kernels (try fp32 "
-                "for the forward passes)"
-            ))
+        self.alarm(pl_module, "health/logprob_drift_alarm", drift > self.threshold, (
+            f"log-probs recomputed for the update differ from the rollout's by up to {drift:.3g} "
+            f"(threshold {self.threshold}). Usual causes: dropout left on, position ids that ignore left "
+            "padding, a different temperature in sampling and scoring, or low-precision kernels (try fp32 "
+            "for the forward passes)"
+        ))
 
 
 class NegativeKLGuard(HealthGuard):
@@ -182,14 +180,12 @@ class NegativeKLGuard(HealthGuard):
         kl = stats.get(MEAN_KL)
         if kl is None:
             return
-        self.log_metric(pl_module, "health/negative_kl_alarm", float(kl < -self.tolerance))
-        if kl < -self.tolerance:
-            self.warn(pl_module, (
-                f"mean KL(policy || reference) is {kl:.3g} nats per response, negative. Sampling and "
-                "scoring disagree: check that generation.temperature is the one used for log-probs, that "
-                "top_k/top_p are off (0 / 1.0), and that padding and position ids match between "
-                "generation and the forward passes"
-            ))
+        self.alarm(pl_module, "health/negative_kl_alarm", kl < -self.tolerance, (
+            f"mean KL(policy || reference) is {kl:.3g} nats per response, negative. Sampling and "
+            "scoring disagree: check that generation.temperature is the one used for log-probs, that "
+            "top_k/top_p are off (0 / 1.0), and that padding and position ids match between "
+            "generation and the forward passes"
+        ))
 
 
 class ExplainedVarianceGuard(HealthGuard):
@@ -206,14 +202,11 @@ class ExplainedVarianceGuard(HealthGuard):
         if ev is None or pl_module.iteration <= self.warmup:
             return
         self.below = self.below + 1 if ev < self.threshold else 0
-        alarm = self.below >= self.patience
-        self.log_metric(pl_module, "health/explained_variance_alarm", float(alarm))
-        if alarm:
-            self.warn(pl_module, (
-                f"the critic's explained variance has been below {self.threshold} for {self.below} iterations "
-                f"(now {ev:.3g}): its values do not predict the returns. Try a higher critic_learning_rate or "
-                "ppo.vf_coef, a critic initialised from the reward model, or more PPO epochs"
-            ))
+        self.alarm(pl_module, "health/explained_variance_alarm", self.below >= self.patience, (
+            f"the critic's explained variance has been below {self.threshold} for {self.below} iterations "
+            f"(now {ev:.3g}): its values do not predict the returns. Try a higher critic_learning_rate or "
+            "ppo.vf_coef, a critic initialised from the reward model, or more PPO epochs"
+        ))
 
     def state_dict(self) -> dict[str, Any]:
         return {"below": self.below}
