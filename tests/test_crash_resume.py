@@ -17,6 +17,8 @@ import yaml
 from rlhf_lightning.models import is_complete_hf_folder
 from rlhf_lightning.report import read_scalars
 
+from .conftest import write_lines
+
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS, KILL_AFTER = 6, 3
 
@@ -60,10 +62,15 @@ def ppo_config(run: Path, policy: Path, pause_marker: Path | None = None) -> Pat
     return path
 
 
-def cli(*args: str) -> subprocess.Popen:
+def python(*args: str) -> subprocess.Popen:
+    """``python ARGS`` from the repository root, one thread, with ``tests`` importable."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "rlhf_lightning.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def cli(*args: str) -> subprocess.Popen:
+    return python("-m", "rlhf_lightning.cli", *args)
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -126,10 +133,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, byte_gp
 
 def test_sigkill_during_export_leaves_no_finished_looking_folder(tmp_path: Path):
     target, marker = tmp_path / "model", tmp_path / "exporting"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     code = f"from tests.crash_helpers import export_and_hang; export_and_hang({str(target)!r}, {str(marker)!r})"
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = python("-c", code)
     wait_for(marker, process)
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-model-")]
     assert staging and any(staging[0].glob("*.safetensors"))  # killed half-way: weights written
@@ -143,7 +148,7 @@ def sft_stage(tmp_path: Path, model_dir: Path):
     from rlhf_lightning.modules import SFTModule
 
     records = [{"prompt": f"Review {i}: it was", "completion": f" good {i}. I liked the plot."} for i in range(40)]
-    train = write_jsonl(tmp_path / "sft.jsonl", records)
+    train = write_lines(tmp_path / "sft.jsonl", records)
     return (SFTModule(model_name_or_path=str(model_dir), learning_rate=1e-2, warmup_steps=2, export_dir=None, num_samples=0),
             SFTDataModule(train_file=str(train), val_fraction=0.0, batch_size=4, max_length=64))
 
@@ -153,16 +158,9 @@ def reward_stage(tmp_path: Path, model_dir: Path):
     from rlhf_lightning.modules import RewardModule
 
     records = [{"prompt": f"Review {i}:", "chosen": f" great {i}.", "rejected": f" bad {i} bad."} for i in range(40)]
-    train = write_jsonl(tmp_path / "prefs.jsonl", records)
+    train = write_lines(tmp_path / "prefs.jsonl", records)
     return (RewardModule(str(model_dir), learning_rate=1e-2, warmup_steps=2, export_dir=None, normalize=False),
             PreferenceDataModule(train_file=str(train), val_fraction=0.0, batch_size=4))
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    import json
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.mark.parametrize("stage, at_step, workers", [(sft_stage, 7, 0), (reward_stage, 7, 0), (sft_stage, 13, 1)],
@@ -202,10 +200,8 @@ def test_sft_and_reward_stages_resume_mid_epoch_exactly(tmp_path: Path, byte_gpt
 
 def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path: Path):
     target, marker = tmp_path / "ckpt" / "last.ckpt", tmp_path / "saving"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     code = f"from tests.crash_helpers import checkpoint_and_hang; checkpoint_and_hang({str(target)!r}, {str(marker)!r})"
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = python("-c", code)
     wait_for(marker, process)
     kill(process)
     assert torch.load(target, weights_only=True)["version"] == 1  # the old one, complete

@@ -154,8 +154,7 @@ def test_one_skipped_step_changes_nothing_and_keeps_the_step_count(tmp_path: Pat
                 loss = loss * float("nan")
             return loss, stats
 
-    module = small_ppo(byte_gpt2_dir, tmp_path)
-    module.__class__ = OneNaNLoss
+    module = small_ppo(byte_gpt2_dir, tmp_path, cls=OneNaNLoss)
     trainer = fit(module, iterations=3)
     assert trainer.global_step == 3 * 4  # 2 epochs x 2 minibatches per iteration, the skipped one included
     assert module.lr_schedulers().last_epoch == 3 * 4
@@ -175,8 +174,7 @@ def test_diverged_policy_is_restored_and_training_goes_on(tmp_path: Path, byte_g
                     self.policy.get_output_embeddings().weight.fill_(float("nan"))
             return super().compute_scores(responses)
 
-    module = small_ppo(byte_gpt2_dir, tmp_path, reward_fn=gold_rewards)
-    module.__class__ = Diverging
+    module = small_ppo(byte_gpt2_dir, tmp_path, cls=Diverging, reward_fn=gold_rewards)
     guard = NonFiniteGuard(restore_after=2, stop_after=4)
     with pytest.warns(UserWarning, match="restored the last good policy"):
         trainer = fit(module, iterations=5, callbacks=[guard])

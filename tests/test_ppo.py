@@ -43,7 +43,7 @@ def bpe_reward_dir(tmp_path: Path) -> Path:
     return save_hf_folder(tmp_path / "bpe-rm", load_sequence_scorer(str(folder), tokenizer), tokenizer)
 
 
-def small_ppo(policy: Path, tmp_path: Path, **overrides) -> PPOModule:
+def small_ppo(policy: Path, tmp_path: Path, cls: type[PPOModule] = PPOModule, **overrides) -> PPOModule:
     settings = dict(
         policy=str(policy), learning_rate=1e-3, generation=GenerationSettings(max_new_tokens=8),
         ppo=PPOSettings(epochs=2, num_minibatches=2), policy_export_dir=str(tmp_path / "policy"),
@@ -52,7 +52,7 @@ def small_ppo(policy: Path, tmp_path: Path, **overrides) -> PPOModule:
     settings.update(overrides)
     if "reward_model" not in settings and "reward_fn" not in settings:
         settings["reward_fn"] = gold_rewards
-    return PPOModule(**settings)
+    return cls(**settings)
 
 
 def fit(module: PPOModule, iterations: int, tmp_path: Path | None = None, **trainer_kwargs) -> Trainer:
