@@ -6,6 +6,8 @@
   same way.
 * ``rlhf-lightning pipeline --config configs/demo/pipeline.yaml``: SFT -> reward -> PPO and a report.
 * ``rlhf-lightning task --out DIR``: write the built-in task's JSONL files, to see the formats.
+* ``rlhf-lightning tokenizer --output_dir DIR``: train a BPE tokenizer on demonstrations
+  (:mod:`rlhf_lightning.tokenizer_training`), for a model trained from a preset.
 * ``rlhf-lightning label ...`` / ``label export ...``: collect preferences in the browser
   (:mod:`rlhf_lightning.labelling`).
 
@@ -66,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args[:1] == ["task"]:
             return write_task_command(args[1:])
+        if args[:1] == ["tokenizer"]:
+            from .tokenizer_training import tokenizer_command
+
+            return tokenizer_command(args[1:])
         if args[:1] == ["pipeline"]:
             from .pipeline import pipeline_command
 

@@ -213,11 +213,12 @@ def load_sequence_scorer(name_or_path: str, tokenizer: PreTrainedTokenizerBase) 
 
 def save_hf_folder(
     path: str | os.PathLike[str],
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` and ``tokenizer`` with ``save_pretrained``, atomically.
+    """Write ``model`` (None: the tokenizer alone) and ``tokenizer`` with ``save_pretrained``,
+    atomically.
 
     The folder is written under a temporary sibling name and renamed into place once complete;
     an existing folder at ``path`` is replaced only then (moved aside, the new one renamed in,
@@ -228,7 +229,8 @@ def save_hf_folder(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(staging, state_dict=state_dict)
+        if model is not None:
+            model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             retired = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")

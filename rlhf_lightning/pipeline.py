@@ -1,7 +1,8 @@
 """SFT -> reward model -> PPO in one command, with a report.
 
 Each stage is an ordinary ``rlhf-lightning fit`` run of its own YAML config; the pipeline
-only chains them (the reward stage starts from the SFT export, PPO from both), skips a stage
+first trains the tokenizer the SFT config names in ``tokenizer_name_or_path`` (on the SFT
+training data) when that folder does not exist yet, and then only chains the stages (the reward stage starts from the SFT export, PPO from both), skips a stage
 whose export folder is already complete (unless ``redo`` names it), and at the end compares
 the PPO policy with the SFT policy on held-out prompts and writes ``summary.json``,
 ``report.md`` and plots into ``run_dir``.
@@ -22,8 +23,10 @@ from .errors import UserInputError
 from .models import is_complete_hf_folder
 from .report import read_scalars, write_report
 from .rollout import GenerationSettings
+from .tokenizer_training import DEFAULT_VOCAB_SIZE, train_tokenizer_folder
 
 STAGES = ("sft", "reward", "ppo")
+TOKENIZER = "tokenizer"
 
 
 @dataclass
@@ -33,11 +36,14 @@ class PipelineConfig:
     Args:
         run_dir: the run folder (TensorBoard sub-runs of the stages, report, summary.json).
         sft, reward, ppo: the stage configs (YAML files as given to ``rlhf-lightning fit``).
-        redo: stages to run again even when their output folder is complete.
+        redo: stages to run again even when their output folder is complete (``tokenizer``
+            too, which reruns every stage).
         eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` JSONL
             file, or null for the built-in task's validation prompts.
         gold_annotator: judge with the built-in task's gold annotator (its task only).
         seed: sampling seed of the final comparison.
+        tokenizer_vocab_size: upper bound on the vocabulary of the tokenizer trained for the
+            SFT config's ``tokenizer_name_or_path`` (see :mod:`rlhf_lightning.tokenizer_training`).
     """
 
     run_dir: str = "outputs/demo"
@@ -48,11 +54,27 @@ class PipelineConfig:
     eval_prompts: str | None = None
     gold_annotator: bool = True
     seed: int = 0
+    tokenizer_vocab_size: int = DEFAULT_VOCAB_SIZE
 
 
-def _init_args(config_path: str) -> dict[str, Any]:
+def _init_args(config_path: str, section: str = "model") -> dict[str, Any]:
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-    return (config.get("model") or {}).get("init_args") or {}
+    return (config.get(section) or {}).get("init_args") or {}
+
+
+def prepare_tokenizer(config: PipelineConfig) -> bool:
+    """Train the SFT config's ``tokenizer_name_or_path`` on its training data when the folder
+    is missing or ``redo`` names the tokenizer; True when it was (re)trained."""
+    folder = _init_args(config.sft).get("tokenizer_name_or_path")
+    if not folder:
+        return False
+    if TOKENIZER not in config.redo and (Path(folder) / "tokenizer_config.json").exists():
+        print(f"[pipeline] tokenizer: {folder} exists, skipping (redo with --redo '[tokenizer]')")
+        return False
+    data = _init_args(config.sft, "data")
+    print(f"[pipeline] tokenizer: training a BPE tokenizer (vocab <= {config.tokenizer_vocab_size}) into {folder}")
+    train_tokenizer_folder(folder, data.get("train_file"), config.tokenizer_vocab_size, data.get("seed", 0))
+    return True
 
 
 def stage_outputs(config: PipelineConfig) -> dict[str, str]:
@@ -89,13 +111,15 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run (or skip) each stage, then evaluate and write the report; returns the summary."""
     from .cli import RLHFCLI
 
-    unknown = set(config.redo) - set(STAGES)
+    unknown = set(config.redo) - {TOKENIZER, *STAGES}
     if unknown:
-        raise ValueError(f"redo: unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+        raise ValueError(f"redo: unknown stage(s) {sorted(unknown)}; choose from {(TOKENIZER, *STAGES)}")
     outputs = stage_outputs(config)
     commands = stage_commands(config, outputs)
     timings: dict[str, float | None] = {}
-    rerun = False  # once a stage runs, every later stage runs too: its inputs changed
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    # once a stage runs, every later stage runs too: its inputs changed
+    rerun = prepare_tokenizer(config)
     for stage in STAGES:
         rerun = rerun or stage in config.redo or not is_complete_hf_folder(outputs[stage])
         if not rerun:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from rlhf_lightning.cli import main
+from rlhf_lightning.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def tiny_stage_configs(run: Path) -> Path:
     sft, reward, ppo = configs["sft"], configs["reward"], configs["ppo"]
     sft["trainer"].update(max_steps=30, val_check_interval=15)
     sft["model"]["init_args"].update(model_name_or_path="preset:micro-gpt2", export_dir=str(run / "sft/model"),
-                                     warmup_steps=3)
+                                     tokenizer_name_or_path=str(run / "tokenizer"), warmup_steps=3)
     sft["data"]["init_args"].update(batch_size=8)
     reward["trainer"].update(max_steps=10, val_check_interval=10)
     reward["model"]["init_args"].update(export_dir=str(run / "reward/model"))
@@ -65,6 +66,11 @@ def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
     assert "gold win rate" in report and "## Samples" in report
     for plot in ("ppo_scores.png", "ppo_kl.png", "sft_loss.png"):
         assert (first / plot).stat().st_size > 1000, plot
+    # The SFT config names a tokenizer folder that did not exist: the pipeline trained it, and
+    # every stage's export carries it.
+    vocab = load_tokenizer(str(first / "tokenizer")).get_vocab()
+    for export in ("sft/model", "reward/model", "ppo/policy"):
+        assert load_tokenizer(str(first / export)).get_vocab() == vocab, export
     for stage in ("sft", "reward", "ppo"):  # one TensorBoard sub-run per stage
         assert list((first / stage).glob("events.out.tfevents*")), stage
 
@@ -78,6 +84,7 @@ def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
     assert main(["pipeline", "--config", str(first / "pipeline.yaml")]) == 0
     printed = capsys.readouterr().out
     assert printed.count("is complete, skipping") == 3
+    assert "tokenizer: " + str(first / "tokenizer") + " exists, skipping" in printed
     assert json.loads((first / "summary.json").read_text())["comparison"] == summary["comparison"]
 
 

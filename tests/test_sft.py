@@ -70,15 +70,20 @@ def _demo_config(tmp_path: Path, model: str, train: Path) -> Path:
     config = yaml.safe_load((ROOT / "configs/demo/sft.yaml").read_text())
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
-    config["model"]["init_args"].update(model_name_or_path=model, export_dir=str(tmp_path / "export"))
+    config["model"]["init_args"].update(model_name_or_path=model, tokenizer_name_or_path=None,
+                                        export_dir=str(tmp_path / "export"))
     config["data"]["init_args"].update(train_file=str(train), val_fraction=0.25, batch_size=4)
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def test_demo_config_fast_dev_run_on_builtin_task(tmp_path: Path, monkeypatch):
+def test_demo_config_fast_dev_run_on_builtin_task(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    # The demo's preset reads a tokenizer that the tokenizer command writes first (as in README).
+    assert main(["fit", "--config", str(ROOT / "configs/demo/sft.yaml"), "--trainer.fast_dev_run=true"]) == 2
+    assert "rlhf-lightning tokenizer --output_dir outputs/demo/tokenizer" in capsys.readouterr().err
+    assert main(["tokenizer", "--output_dir", "outputs/demo/tokenizer"]) == 0
     assert main(["fit", "--config", str(ROOT / "configs/demo/sft.yaml"), "--trainer.fast_dev_run=true"]) == 0
     assert not (tmp_path / "outputs/demo/sft/model").exists()  # smoke runs never export
 

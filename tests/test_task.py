@@ -46,6 +46,9 @@ DEGENERATE = [
     " superb and stunning.",  # out-of-vocabulary word
     "great and fun.",  # missing the leading space that continues the prompt
     " great and fun. The",  # runs on past the end
+    " excellent but but silly.",  # a doubled word (what a word-level policy slips into)
+    " wonderful and but short.",  # a stray connector
+    " excellent. but brilliant.",  # a connector after the sentence ended
 ]
 
 

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import use_atomic_checkpoints
-from ..models import load_tokenizer
+from ..models import ModelLoadError, load_tokenizer
 from ..optim import adamw, warmup_schedule
 from .export import check_export_dirs
 
@@ -18,7 +19,7 @@ class HFModelModule(LightningModule):
     """Base of a stage that fine-tunes ``self.model`` (built in ``configure_model``).
 
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
-    ``learning_rate``, ``weight_decay``, ``adam_betas``, ``warmup_steps``, ``lr_scheduler``,
+    ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``, ``warmup_steps``, ``lr_scheduler``,
     ``gradient_checkpointing``, ``export_dir`` and ``overwrite_export``.
     """
 
@@ -27,9 +28,16 @@ class HFModelModule(LightningModule):
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """Loaded on first use, so that building the module from a config stays cheap."""
+        """``tokenizer_name_or_path``'s, else the model's own; loaded on first use, so that
+        building the module from a config stays cheap."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+            name = self.hparams.tokenizer_name_or_path
+            if name is not None and not Path(name).expanduser().is_dir():
+                raise ModelLoadError(
+                    f"tokenizer folder '{name}' (tokenizer_name_or_path) does not exist; hint: train one with "
+                    f"`rlhf-lightning tokenizer --output_dir {name}`, or fix the path"
+                )
+            self._tokenizer = load_tokenizer(name or self.hparams.model_name_or_path)
         return self._tokenizer
 
     def on_fit_start(self) -> None:

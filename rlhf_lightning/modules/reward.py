@@ -58,6 +58,9 @@ class RewardModule(HFModelModule):
     Args:
         model_name_or_path: SFT output folder, any Hugging Face causal-LM or reward-model
             folder, or ``preset:tiny-gpt2``. A causal LM gets a new, untrained scalar head.
+        tokenizer_name_or_path: a tokenizer folder to use instead of the model's own, e.g. one
+            written by ``rlhf-lightning tokenizer`` for a preset (whose own is byte-level); it
+            is saved with the export.
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         centering_coef: weight of ``mean((r_c + r_r)^2)`` in the loss (0 disables it).
@@ -78,6 +81,7 @@ class RewardModule(HFModelModule):
     def __init__(
         self,
         model_name_or_path: str = "preset:tiny-gpt2",
+        tokenizer_name_or_path: str | None = None,
         learning_rate: float = 3e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),

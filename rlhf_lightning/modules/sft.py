@@ -40,6 +40,9 @@ class SFTModule(HFModelModule):
 
     Args:
         model_name_or_path: hub id, local folder or ``preset:tiny-gpt2``.
+        tokenizer_name_or_path: a tokenizer folder to use instead of the model's own, e.g. one
+            written by ``rlhf-lightning tokenizer`` for a preset (whose own is byte-level); it
+            is saved with the export.
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         gradient_checkpointing: trade compute for memory on large models.
@@ -53,6 +56,7 @@ class SFTModule(HFModelModule):
     def __init__(
         self,
         model_name_or_path: str = "preset:tiny-gpt2",
+        tokenizer_name_or_path: str | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.95),

@@ -74,10 +74,11 @@ MAX_COMPLETION_CHARS = 80
 MAX_TEXT_BYTES = 120  # prompt + completion is always strictly shorter, in UTF-8 bytes
 #: Bradley-Terry temperature giving ~82-83% agreement between gold and its own noisy labels.
 DEFAULT_NOISE_TEMPERATURE = 0.4
-DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shuffled", "typo", "run_on")
-#: How often each kind is drawn: misspellings and run-on text are what a tiny policy actually
-#: produces, so the preference data shows raters judging them most often.
-DEGENERATE_WEIGHTS = (1, 1, 1, 1, 1, 3, 2)
+DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shuffled", "typo", "run_on", "word_slip")
+#: How often each kind is drawn: the slips a tiny policy actually makes (misspellings with a
+#: byte-level vocabulary; stray, doubled or swapped words with a word-level one; run-on text
+#: with both) are what the preference data shows raters judging most often.
+DEGENERATE_WEIGHTS = (1, 1, 1, 1, 1, 2, 2, 3)
 DEFAULT_SIZES: dict[str, int] = {
     "sft_train": 4000, "sft_val": 200,
     "prefs_train": 4000, "prefs_val": 500,
@@ -238,6 +239,17 @@ def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
             letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
             edit = rng.choice(("substitute", "insert", "drop"))
             text = base[:at] + ("" if edit == "drop" else letter) + base[at + (edit != "insert") :]
+        elif kind == "word_slip":  # one word doubled, a stray connector, or a word swapped for another
+            words = base.split(" ")
+            at = rng.randrange(1, len(words))
+            slip = rng.choice(("double", "stray", "swap"))
+            if slip == "double":
+                words.insert(at, words[at].rstrip("."))
+            elif slip == "stray":
+                words.insert(at, rng.choice(("and", "but", "the", "was", "I", "so")))
+            else:
+                words[at] = rng.choice(sorted(LEXICON)) + ("." if words[at].endswith(".") else "")
+            text = " ".join(words)
         elif kind == "run_on":  # a fluent review that does not stop: stray words after it
             tail = [rng.choice(("the", "was", "and", "I")), rng.choice(NOUNS + ADJECTIVES)]
             text = base + " " + " ".join(tail[: rng.randint(1, 2)]) + rng.choice((".", "", " the."))
