@@ -81,7 +81,7 @@ DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shu
 DEGENERATE_WEIGHTS = (1, 1, 1, 1, 1, 2, 2, 3)
 DEFAULT_SIZES: dict[str, int] = {
     "sft_train": 4000, "sft_val": 200,
-    "prefs_train": 4000, "prefs_val": 500,
+    "prefs_train": 8000, "prefs_val": 2000,
     "prompts_train": 2000, "prompts_val": 200,
 }
 
@@ -216,9 +216,13 @@ def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
     kind = kind or rng.choices(DEGENERATE_KINDS, weights=DEGENERATE_WEIGHTS)[0]
     while True:
         base = sample_completion(rng)
-        if kind == "repeat_word":  # the classic hack: "great great great great."
+        if kind == "repeat_word" and rng.random() < 0.5:  # the classic hack: "great great great great."
             word = rng.choice(POSITIVE_ADJECTIVES if rng.random() < 0.5 else sorted(LEXICON))
             text = " " + " ".join([word] * rng.randint(3, 7)) + "."
+        elif kind == "repeat_word":  # its subtle form: "brilliant and brilliant. The plot was brilliant."
+            words = base.split(" ")
+            first = next(w.rstrip(".") for w in words if w.rstrip(".") in ADJECTIVES)
+            text = " ".join(first + "." * w.endswith(".") if w.rstrip(".") in ADJECTIVES else w for w in words)
         elif kind == "repeat_sentence":
             sentence = base.split(". ")[-1].strip().rstrip(".")
             text = " " + ". ".join([sentence] * rng.randint(2, 3)) + "."
