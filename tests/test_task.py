@@ -107,6 +107,26 @@ def test_generated_degenerates_are_never_fluent() -> None:
             assert gold_score(P, text) <= -1.5
 
 
+def test_word_level_degenerates_look_like_a_word_level_policys_mistakes() -> None:
+    """repeat_word comes as the blunt hack and as a fluent-shaped review reusing one adjective;
+    word_slip keeps every word a task word (no misspelling) but breaks the grammar."""
+    from rlhf_lightning.tasks.sentiment import ADJECTIVES, LEXICON
+
+    grammar_words = LEXICON | {"and", "but", "the", "was", "i"}
+
+    rng = random.Random(3)
+    repeats = [degenerate_completion(rng, "repeat_word") for _ in range(200)]
+    blunt = [t for t in repeats if len(set(t.strip(" .").split())) == 1]
+    subtle = [t for t in repeats if t not in blunt]
+    assert len(blunt) > 50 and len(subtle) > 50
+    for text in subtle:
+        adjectives = [w.rstrip(".") for w in text.split() if w.rstrip(".") in ADJECTIVES]
+        assert len(adjectives) >= 2 and len(set(adjectives)) == 1, text
+    for _ in range(200):
+        slip = degenerate_completion(rng, "word_slip")
+        assert set(slip.replace(".", "").lower().split()) <= grammar_words, slip
+
+
 def test_repetition_scores_below_its_clean_version() -> None:
     assert gold_score(P, " great great great great great.") < gold_score(P, " great great.")
     assert gold_score(P, " great and great.") < gold_score(P, " great and fun.")
