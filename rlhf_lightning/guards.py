@@ -95,6 +95,7 @@ class NonFiniteGuard(HealthGuard):
         if skipped == 0:
             self.consecutive_failures = 0
             if self.snapshot_every and pl_module.iteration % self.snapshot_every == 0 and _weights_finite(pl_module):
+                self._snapshot = None  # free the old copy first: peak memory holds one snapshot, not two
                 self._snapshot = _snapshot(pl_module)
         else:
             self.consecutive_failures += 1
