@@ -1,11 +1,12 @@
 """SFT -> reward model -> PPO in one command, with a report.
 
-Each stage is an ordinary ``rlhf-lightning fit`` run of its own YAML config; the pipeline
-first trains the tokenizer the SFT config names in ``tokenizer_name_or_path`` (on the SFT
-training data) when that folder does not exist yet, and then only chains the stages (the reward stage starts from the SFT export, PPO from both), skips a stage
-whose export folder is already complete (unless ``redo`` names it), and at the end compares
-the PPO policy with the SFT policy on held-out prompts and writes ``summary.json``,
-``report.md`` and plots into ``run_dir``.
+Each stage is an ordinary ``rlhf-lightning fit`` run of its own YAML config. The pipeline
+first trains the tokenizer that the SFT config names in ``tokenizer_name_or_path`` (on the SFT
+training data) when that folder does not exist yet. Then it only chains the stages (the
+reward stage starts from the SFT export, PPO from both), skips a stage whose export folder is
+already complete (unless ``redo`` names it), and at the end compares the PPO policy with the
+SFT policy on held-out prompts and writes ``summary.json``, ``report.md`` and plots into
+``run_dir``.
 """
 
 from __future__ import annotations

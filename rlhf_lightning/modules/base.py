@@ -19,8 +19,9 @@ class HFModelModule(LightningModule):
     """Base of a stage that fine-tunes ``self.model`` (built in ``configure_model``).
 
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
-    ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``, ``warmup_steps``, ``lr_scheduler``,
-    ``gradient_checkpointing``, ``export_dir`` and ``overwrite_export``.
+    ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``,
+    ``warmup_steps``, ``lr_scheduler``, ``gradient_checkpointing``, ``export_dir`` and
+    ``overwrite_export``.
     """
 
     model: PreTrainedModel | None
