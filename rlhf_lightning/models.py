@@ -249,5 +249,9 @@ def is_complete_hf_folder(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` holds a config, weights and a tokenizer (what a later stage needs)."""
     folder = Path(path)
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    has_tokenizer = (folder / "tokenizer_config.json").exists()
-    return folder.is_dir() and (folder / "config.json").exists() and has_weights and has_tokenizer
+    return folder.is_dir() and (folder / "config.json").exists() and has_weights and has_tokenizer_files(folder)
+
+
+def has_tokenizer_files(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a saved tokenizer (its ``tokenizer_config.json``)."""
+    return (Path(path) / "tokenizer_config.json").exists()

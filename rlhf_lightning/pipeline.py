@@ -21,7 +21,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .errors import UserInputError
-from .models import is_complete_hf_folder
+from .models import has_tokenizer_files, is_complete_hf_folder
 from .report import read_scalars, write_report
 from .rollout import GenerationSettings
 from .tokenizer_training import DEFAULT_VOCAB_SIZE, train_tokenizer_folder
@@ -69,12 +69,11 @@ def prepare_tokenizer(config: PipelineConfig) -> bool:
     folder = _init_args(config.sft).get("tokenizer_name_or_path")
     if not folder:
         return False
-    if TOKENIZER not in config.redo and (Path(folder) / "tokenizer_config.json").exists():
+    if TOKENIZER not in config.redo and has_tokenizer_files(folder):
         print(f"[pipeline] tokenizer: {folder} exists, skipping (redo with --redo '[tokenizer]')")
         return False
-    data = _init_args(config.sft, "data")
     print(f"[pipeline] tokenizer: training a BPE tokenizer (vocab <= {config.tokenizer_vocab_size}) into {folder}")
-    train_tokenizer_folder(folder, data.get("train_file"), config.tokenizer_vocab_size, data.get("seed", 0))
+    train_tokenizer_folder(folder, _init_args(config.sft, "data"), config.tokenizer_vocab_size)
     return True
 
 

@@ -19,11 +19,12 @@ import argparse
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .data.records import Record, read_sft, sft_kind
+from .data.records import Record, sft_kind
 from .models import BYTE_CHAT_TEMPLATE, PAD_TOKEN, save_hf_folder
 
 EOS_TOKEN = "<|endoftext|>"
@@ -77,18 +78,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
 
 def train_tokenizer_folder(
     output_dir: str | os.PathLike[str],
-    train_file: str | None = None,
+    data_args: dict[str, Any] | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
-    seed: int = 0,
 ) -> Path:
-    """Train on ``train_file`` (SFT JSONL; None: the built-in task's SFT training split with
-    ``seed``) and write the tokenizer to ``output_dir`` atomically; returns the folder."""
-    if train_file is None:
-        from .tasks import DEFAULT_SIZES, SentimentTask
+    """Train on the records that ``SFTDataModule(**data_args)`` trains on (its training split;
+    no ``train_file``: the built-in task's) and write the tokenizer to ``output_dir``
+    atomically; returns the folder. ``data_args`` are the SFT config's ``data.init_args``, so
+    the tokenizer never sees the SFT validation records."""
+    from .data import SFTDataModule
 
-        records = SentimentTask(seed).sft_records(DEFAULT_SIZES["sft_train"], "train")
-    else:
-        records = read_sft(train_file)
+    records, _ = SFTDataModule(**(data_args or {})).load_records()
     tokenizer = train_bpe_tokenizer(map(demonstration_text, records), vocab_size)
     return save_hf_folder(output_dir, None, tokenizer)
 
@@ -105,6 +104,7 @@ def tokenizer_command(argv: Sequence[str]) -> int:
     options = parser.parse_args(list(argv))
     if options.vocab_size < MIN_VOCAB_SIZE:
         parser.error(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + EOS + pad), got {options.vocab_size}")
-    folder = train_tokenizer_folder(options.output_dir, options.train_file, options.vocab_size, options.seed)
+    data_args = {"train_file": options.train_file, "val_fraction": 0.0, "seed": options.seed}
+    folder = train_tokenizer_folder(options.output_dir, data_args, options.vocab_size)
     print(f"tokenizer: {folder}")
     return 0

@@ -64,7 +64,7 @@ def test_folder_from_every_sft_record_kind_loads_with_auto_tokenizer(tmp_path: P
         {"text": "zebrafish swim"},
         {"messages": [{"role": "user", "content": "zebra"}, {"role": "assistant", "content": "zebrafish"}]},
     ] * 20)
-    folder = train_tokenizer_folder(tmp_path / "tok", str(train), vocab_size=400)
+    folder = train_tokenizer_folder(tmp_path / "tok", {"train_file": str(train), "val_fraction": 0.0}, vocab_size=400)
     reloaded = AutoTokenizer.from_pretrained(folder)
     assert reloaded.tokenize(" zebrafish") == ["Ġzebrafish"]  # learned from all three kinds
     ours = load_tokenizer(str(folder))
@@ -85,7 +85,7 @@ def test_command_trains_on_the_builtin_task_and_reports_bad_input(tmp_path: Path
 
 
 def test_preset_trains_with_the_named_tokenizer_and_exports_it(tmp_path: Path):
-    folder = train_tokenizer_folder(tmp_path / "tok", None, seed=0)
+    folder = train_tokenizer_folder(tmp_path / "tok")
     export = tmp_path / "sft"
     module = SFTModule(model_name_or_path="preset:micro-gpt2", tokenizer_name_or_path=str(folder),
                        export_dir=str(export), num_samples=1, sample_max_new_tokens=4)
