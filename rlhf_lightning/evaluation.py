@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from torchmetrics.functional import spearman_corrcoef
 
 from . import ppo_math as pm
 from .data.encoding import attention_mask_for, encode_prompt, pad
@@ -21,7 +22,9 @@ from .rollout import GenerationSettings, Responses, RolloutLoop, response_logpro
 
 @dataclass
 class PolicyComparison:
-    """Averages over the prompts; ``gold_*`` and ``fluency*`` only on the built-in task."""
+    """Averages over the prompts; ``gold_*``, ``fluency*`` and ``*reward_gold_spearman`` (the
+    rank correlation of reward-model and gold scores on each policy's samples) only on the
+    built-in task."""
 
     num_prompts: int
     score: float | None
@@ -34,6 +37,8 @@ class PolicyComparison:
     gold_win_rate: float | None = None
     fluency: float | None = None
     baseline_fluency: float | None = None
+    reward_gold_spearman: float | None = None
+    baseline_reward_gold_spearman: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +133,17 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+def rank_correlation(xs: list[float | None], ys: list[float | None]) -> float | None:
+    """Spearman's rho between two series (tied values share their mean rank), over the
+    positions where both are known; None when it is undefined (under two points, or a series
+    that is constant)."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if len(pairs) < 2 or len({x for x, _ in pairs}) < 2 or len({y for _, y in pairs}) < 2:
+        return None
+    x, y = torch.tensor(pairs, dtype=torch.float64).unbind(dim=1)
+    return spearman_corrcoef(x, y).item()
+
+
 def summarise(rows: list[dict[str, Any]], kls: list[float], gold: bool) -> PolicyComparison:
     comparison = PolicyComparison(
         num_prompts=len(rows),
@@ -143,4 +159,11 @@ def summarise(rows: list[dict[str, Any]], kls: list[float], gold: bool) -> Polic
         comparison.gold_win_rate = _mean([r["win"] for r in rows])
         comparison.fluency = _mean([r["fluency"] for r in rows])
         comparison.baseline_fluency = _mean([r["baseline_fluency"] for r in rows])
+        # Does the reward model rank fresh samples as the gold annotator does? On the SFT
+        # policy's samples this is the reward model's own quality on the text PPO starts from;
+        # on the PPO policy's samples, a drop below it shows the policy exploiting the model.
+        comparison.reward_gold_spearman = rank_correlation([r["score"] for r in rows], [r["gold"] for r in rows])
+        comparison.baseline_reward_gold_spearman = rank_correlation(
+            [r["baseline_score"] for r in rows], [r["baseline_gold"] for r in rows]
+        )
     return comparison

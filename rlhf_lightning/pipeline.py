@@ -193,6 +193,8 @@ def print_table(summary: dict[str, Any]) -> None:
         ("gold score PPO / SFT", f"{fmt(c['gold_score'])} / {fmt(c['baseline_gold_score'])}"),
         ("fluency PPO / SFT", f"{fmt(c['fluency'])} / {fmt(c['baseline_fluency'])}"),
         ("RM score PPO / SFT", f"{fmt(c['score'])} / {fmt(c['baseline_score'])}"),
+        ("RM-gold Spearman, samples PPO / SFT",
+         f"{fmt(c['reward_gold_spearman'])} / {fmt(c['baseline_reward_gold_spearman'])}"),
         ("KL(PPO || SFT) per response", c["kl"]),
     ]
     width = max(len(name) for name, _ in lines)

@@ -86,6 +86,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
         f"| gold score | {fmt(c['gold_score'])} | {fmt(c['baseline_gold_score'])} |",
         f"| fluency (grammar check) | {fmt(c['fluency'])} | {fmt(c['baseline_fluency'])} |",
         f"| reward-model score | {fmt(c['score'])} | {fmt(c['baseline_score'])} |",
+        f"| Spearman(reward model, gold) on these samples | {fmt(c['reward_gold_spearman'])} "
+        f"| {fmt(c['baseline_reward_gold_spearman'])} |",
         f"| response length (tokens) | {fmt(c['response_length'])} | {fmt(c['baseline_response_length'])} |",
         f"| KL(PPO ‖ SFT) per response | {fmt(c['kl'])} | |",
         "",

@@ -61,9 +61,11 @@ def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
     summary = json.loads((first / "summary.json").read_text())
     assert 0.0 <= summary["gold_win_rate"] <= 1.0
     assert summary["comparison"]["num_prompts"] == 16
+    for key in ("reward_gold_spearman", "baseline_reward_gold_spearman"):  # None only if samples tie
+        assert summary["comparison"][key] is None or -1.0 <= summary["comparison"][key] <= 1.0
     assert summary["sft"]["val/loss"] is not None and "val/accuracy" in summary["reward"]
     report = (first / "report.md").read_text()
-    assert "gold win rate" in report and "## Samples" in report
+    assert "gold win rate" in report and "## Samples" in report and "Spearman(reward model, gold)" in report
     for plot in ("ppo_scores.png", "ppo_kl.png", "sft_loss.png"):
         assert (first / plot).stat().st_size > 1000, plot
     # The SFT config names a tokenizer folder that did not exist: the pipeline trained it, and

@@ -211,6 +211,39 @@ def test_fit_learns_exports_and_plain_hf_reload_gives_same_scores(request, tmp_p
     assert (ours[:3] > ours[3:]).all()  # it learned the preference
 
 
+def test_weight_averaging_callback_is_what_gets_normalised_and_exported(tmp_path: Path, byte_gpt2_dir: Path):
+    """With Lightning's weight averaging (e.g. ``EMAWeightAveraging`` in ``trainer.callbacks``),
+    the export and its ``reward_offset`` are the averaged model's, not the last step's."""
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("EMAWeightAveraging needs Lightning >= 2.6")
+    EMAWeightAveraging = callbacks.EMAWeightAveraging
+
+    train = write_lines(tmp_path / "train.jsonl", _pairs(24))
+    demos = write_lines(tmp_path / "demos.jsonl", DEMOS)
+
+    def fit(name: str, callbacks: list) -> tuple[dict[str, torch.Tensor], float]:
+        export = tmp_path / name
+        module = RewardModule(str(byte_gpt2_dir), learning_rate=3e-3, warmup_steps=2, export_dir=str(export),
+                              normalize_file=str(demos))
+        data = PreferenceDataModule(train_file=str(train), val_fraction=0.25, batch_size=6)
+        trainer = Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=callbacks)
+        torch.manual_seed(0)
+        trainer.fit(module, datamodule=data)
+        model = AutoModelForSequenceClassification.from_pretrained(export)
+        return model.state_dict(), model.config.reward_offset
+
+    last_step, last_offset = fit("plain", [])
+    no_memory, no_memory_offset = fit("ema-decay-0", [EMAWeightAveraging(decay=0.0)])  # the average is the last step
+    averaged, averaged_offset = fit("ema-decay-0.9", [EMAWeightAveraging(decay=0.9)])
+    for name, weight in last_step.items():
+        torch.testing.assert_close(no_memory[name], weight, msg=name)
+    assert no_memory_offset == pytest.approx(last_offset)
+    assert any(not torch.allclose(averaged[name], weight) for name, weight in last_step.items())
+    assert averaged_offset != pytest.approx(last_offset)
+
+
 def test_gold_metrics_match_a_direct_computation(tmp_path: Path, byte_gpt2_dir: Path):
     records = SentimentTask(seed=3).preference_records(24, split="val")
     records.append(dict(records[0]))  # a duplicate pair: same ids, same gold score
