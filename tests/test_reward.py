@@ -214,10 +214,11 @@ def test_fit_learns_exports_and_plain_hf_reload_gives_same_scores(request, tmp_p
 def test_weight_averaging_callback_is_what_gets_normalised_and_exported(tmp_path: Path, byte_gpt2_dir: Path):
     """With Lightning's weight averaging (e.g. ``EMAWeightAveraging`` in ``trainer.callbacks``),
     the export and its ``reward_offset`` are the averaged model's, not the last step's."""
-    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
-    if not hasattr(callbacks, "EMAWeightAveraging"):
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    if not hasattr(lightning_callbacks, "EMAWeightAveraging"):
         pytest.skip("EMAWeightAveraging needs Lightning >= 2.6")
-    EMAWeightAveraging = callbacks.EMAWeightAveraging
+    EMAWeightAveraging = lightning_callbacks.EMAWeightAveraging
 
     train = write_lines(tmp_path / "train.jsonl", _pairs(24))
     demos = write_lines(tmp_path / "demos.jsonl", DEMOS)
