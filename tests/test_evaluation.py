@@ -8,9 +8,9 @@ from rlhf_lightning.evaluation import rank_correlation, summarise
 
 
 def test_rank_correlation_hand_computed_with_ties():
-    # (torchmetrics keeps an epsilon in the denominator, hence abs=1e-5)
     # ranks of y with ties averaged: [1.5, 1.5, 3.5, 3.5]; centred x = [-1.5, -0.5, 0.5, 1.5],
-    # centred y = [-1, -1, 1, 1]: rho = 4 / (sqrt(5) * 2)
+    # centred y = [-1, -1, 1, 1]: rho = 4 / (sqrt(5) * 2). abs=1e-5 because torchmetrics keeps
+    # an epsilon in the denominator.
     assert rank_correlation([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]) == pytest.approx(2 / math.sqrt(5), abs=1e-5)
     # only the order matters, and unknown entries are left out
     assert rank_correlation([10.0, -3.0, 0.5, None], [3.0, 1.0, 2.0, 7.0]) == pytest.approx(1.0, abs=1e-5)
