@@ -101,6 +101,8 @@ def main() -> None:
     if data_args.get("train_file") or data_args.get("val_file"):
         parser.error(f"{args.config}: data.init_args.train_file/val_file must be null (the built-in task)")
     # The data seed fixes the task's pairs and their order; --seeds varies the rest (the head's init).
+    # Scored at the config's max_length (256 is the data module's default); a --set of
+    # data.init_args.max_length changes training only.
     records = SentimentTask(seed=data_args.get("seed", 0)).preference_records(DEFAULT_SIZES["prefs_val"], split="val")
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.out_dir or scratch)
@@ -108,7 +110,7 @@ def main() -> None:
         for seed in args.seeds:
             export = train(args.config, seed, out_dir, args.overrides)
             with torch.inference_mode():
-                result = {"seed": seed, **evaluate(export, records, data_args.get("max_length", 512))}
+                result = {"seed": seed, **evaluate(export, records, data_args.get("max_length", 256))}
             results.append(result)
             print(json.dumps(result), flush=True)
 
