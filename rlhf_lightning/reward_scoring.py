@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from .ppo_math import logprobs_from_logits
+
 #: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
 REWARD_OFFSET_KEY = "reward_offset"
 
@@ -96,13 +98,11 @@ def scalar_head(model: PreTrainedModel) -> nn.Module:
     return head
 
 
-def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Rewards ``(b,)`` (float32, with grad) read at each row's last real token.
+def last_token_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states ``(b, h)`` of each row's last real token, with grad.
 
-    Runs the backbone with position ids built from the mask and applies the scalar head to
-    the hidden state of the last position whose mask is 1 (the head is linear, so this equals
-    the per-token scores read at that position). Raw rewards: ``reward_offset`` is *not*
-    subtracted (see :func:`score_sequences`).
+    Runs the backbone with position ids built from the mask; the scalar head applied to these
+    gives :func:`sequence_rewards`.
     """
     hidden = model.base_model(
         input_ids=input_ids,
@@ -111,8 +111,42 @@ def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: 
         use_cache=False,
     ).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
-    return scalar_head(model)(last).squeeze(-1).float()
+    return hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+
+
+def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Rewards ``(b,)`` (float32, with grad) read at each row's last real token.
+
+    The scalar head applied to :func:`last_token_hidden` (the head is linear, so this equals
+    the per-token scores read at that position). Raw rewards: ``reward_offset`` is *not*
+    subtracted (see :func:`score_sequences`).
+    """
+    return scalar_head(model)(last_token_hidden(model, input_ids, attention_mask)).squeeze(-1).float()
+
+
+def sequence_log_likelihood(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Log-likelihood ``(b,)`` (float32) of each row under a causal LM's ``logits`` ``(b, t, v)``:
+    the sum of ``log p(token | earlier tokens)`` over every real token that follows a real
+    token (the first real token has no prediction). Any padding side."""
+    logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+    predicted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    return torch.where(predicted, logprobs, 0.0).sum(dim=-1)
+
+
+def likelihood_distillation_loss(predicted: Tensor, log_likelihood: Tensor) -> Tensor:
+    """``mean((predicted - z)^2)``, where ``z`` is ``log_likelihood`` standardised over the batch
+    (zero mean, unit standard deviation; all zeros when the batch has no spread).
+
+    The auxiliary loss of :class:`~rlhf_lightning.modules.RewardModule`'s
+    ``likelihood_distillation_coef``: a second head on the reward's hidden state learns how
+    likely the reference model finds the sequence, so that the backbone carries what the
+    reference knows about well-formed text to the token the reward is read at.
+    """
+    target = log_likelihood.float()
+    # A batch without spread gives 0 / tiny = 0: no host sync, no NaN.
+    spread = target.std(correction=0).clamp(min=torch.finfo(torch.float32).tiny)
+    standardised = (target - target.mean()) / spread
+    return F.mse_loss(predicted.float(), standardised)
 
 
 def reward_offset(model: PreTrainedModel) -> float:

@@ -17,6 +17,7 @@ from rlhf_lightning.data import PreferenceDataModule
 from rlhf_lightning.data.encoding import attention_mask_for, encode_preference, pad
 from rlhf_lightning.models import (
     is_complete_hf_folder,
+    load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
 )
@@ -24,9 +25,12 @@ from rlhf_lightning.modules import RewardModule
 from rlhf_lightning.modules.reward import pair_accuracy
 from rlhf_lightning.reward_scoring import (
     bradley_terry_loss,
+    last_token_hidden,
     last_token_index,
+    likelihood_distillation_loss,
     position_ids_from_mask,
     score_sequences,
+    sequence_log_likelihood,
     sequence_rewards,
 )
 from rlhf_lightning.tasks import SentimentTask, gold_score
@@ -56,6 +60,49 @@ def test_bradley_terry_loss_hand_computed():
     assert bradley_terry_loss(chosen + 5, rejected + 5, centering_coef=0.1) > bradley_terry_loss(chosen, rejected, centering_coef=0.1)
     with pytest.raises(ValueError, match="shape"):
         bradley_terry_loss(chosen, rejected[:1])
+
+
+def test_sequence_log_likelihood_hand_computed():
+    # Every position's logits are [0, 0] then [ln 3, 0]: p = (1/2, 1/2), then (3/4, 1/4).
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]).expand(2, 3, 2)
+    ids = torch.tensor([[0, 1, 0], [1, 0, 1]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])  # row 1 is left-padded: only token 2 is predicted
+    # row 0: log p(1 | pos 0) + log p(0 | pos 1) = log 1/2 + log 3/4 = -0.693147 - 0.287682
+    # row 1: log p(1 | pos 1) = log 1/4 = -1.386294 (the pad's prediction of token 1 is not counted)
+    expected = torch.tensor([-0.980829, -1.386294])
+    torch.testing.assert_close(sequence_log_likelihood(logits, ids, mask), expected, atol=1e-6, rtol=0)
+
+
+def test_likelihood_distillation_loss_hand_computed():
+    # log-likelihoods [1, 3]: mean 2, standard deviation 1 -> targets [-1, 1]
+    assert likelihood_distillation_loss(torch.zeros(2), torch.tensor([1.0, 3.0])).item() == pytest.approx(1.0)
+    # predictions [1, 1]: ((1 + 1)^2 + 0^2) / 2 = 2; the scale of the likelihoods does not matter
+    assert likelihood_distillation_loss(torch.ones(2), torch.tensor([-10.0, 30.0])).item() == pytest.approx(2.0)
+    # no spread (or one row): every target is 0, no NaN
+    assert likelihood_distillation_loss(torch.tensor([1.0, 3.0]), torch.tensor([5.0, 5.0])).item() == pytest.approx(5.0)
+    assert likelihood_distillation_loss(torch.tensor([2.0]), torch.tensor([-7.0])).item() == pytest.approx(4.0)
+
+
+def test_likelihood_distillation_reaches_the_backbone_not_the_reference(bpe_gpt2_dir: Path):
+    module = RewardModule(str(bpe_gpt2_dir), likelihood_distillation_coef=1.0, export_dir=None)
+    module.configure_model()
+    module.train()
+    tokenizer = module.tokenizer
+    sequences = _sequences(tokenizer)
+    ids, mask = pad(sequences, tokenizer.pad_token_id), attention_mask_for(sequences)
+    loss = module._likelihood_distillation(ids, mask, last_token_hidden(module.model, ids, mask))
+    loss.backward()
+    assert module.likelihood_head.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.base_model.parameters())
+    reference = module._reference[0]
+    assert not any(p.requires_grad for p in reference.parameters())
+    # The reference is the initial model as a causal LM, and it stays out of the state dict.
+    fresh = load_causal_lm(str(bpe_gpt2_dir), tokenizer)
+    for name, weight in fresh.state_dict().items():
+        torch.testing.assert_close(reference.state_dict()[name], weight, msg=name)
+    assert not any(key.startswith("_reference") for key in module.state_dict())
+    with pytest.raises(ValueError, match="likelihood_distillation_coef"):
+        RewardModule(str(bpe_gpt2_dir), likelihood_distillation_coef=-1.0)
 
 
 def test_equal_pairs_give_log2_and_finite_gradients(byte_gpt2_dir: Path):
@@ -209,6 +256,30 @@ def test_fit_learns_exports_and_plain_hf_reload_gives_same_scores(request, tmp_p
     ours = score_sequences(module.model, encoded["input_ids"], encoded["attention_mask"])
     torch.testing.assert_close(plain - offset, ours, atol=1e-4, rtol=1e-4)
     assert (ours[:3] > ours[3:]).all()  # it learned the preference
+
+
+def test_likelihood_distillation_trains_its_head_and_exports_a_plain_reward_model(tmp_path: Path, bpe_gpt2_dir: Path):
+    train = write_lines(tmp_path / "train.jsonl", _pairs(24))
+    demos = write_lines(tmp_path / "demos.jsonl", DEMOS)
+    export = tmp_path / "reward-model"
+    module = RewardModule(str(bpe_gpt2_dir), learning_rate=3e-3, warmup_steps=2, export_dir=str(export),
+                          normalize_file=str(demos), likelihood_distillation_coef=1.0)
+    module.configure_model()
+    head_before = module.likelihood_head.weight.detach().clone()
+    data = PreferenceDataModule(train_file=str(train), val_fraction=0.25, batch_size=6)
+    trainer = Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/likelihood_loss"])
+    assert not torch.allclose(module.likelihood_head.weight, head_before)  # the optimiser trains it
+    assert "likelihood_head.weight" in module.state_dict()  # so a resumed fit keeps it
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any("likelihood" in key for key in model.state_dict())
+    sequences = _sequences(module.tokenizer)
+    ids, mask = pad(sequences, module.tokenizer.pad_token_id), attention_mask_for(sequences)
+    torch.testing.assert_close(score_sequences(model, ids, mask), score_sequences(module.model, ids, mask))
 
 
 def test_weight_averaging_callback_is_what_gets_normalised_and_exported(tmp_path: Path, byte_gpt2_dir: Path):

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,8 +57,12 @@ class HFModelModule(LightningModule):
             model.config.use_cache = False
         return model
 
+    def optimized_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
+        """Named parameters the optimiser trains (default: the model's)."""
+        return self.model.named_parameters()
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = adamw(self.model.named_parameters(), hp.learning_rate, hp.weight_decay, hp.adam_betas)
+        optimizer = adamw(self.optimized_parameters(), hp.learning_rate, hp.weight_decay, hp.adam_betas)
         scheduler = warmup_schedule(optimizer, hp.lr_scheduler, hp.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

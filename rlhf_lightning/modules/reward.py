@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
@@ -10,11 +12,16 @@ from transformers import PreTrainedModel
 
 from ..data.encoding import attention_mask_for, encode_preference, pad
 from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
-from ..models import load_sequence_scorer
+from ..models import load_causal_lm, load_sequence_scorer
 from ..reward_scoring import (
     REWARD_OFFSET_KEY,
     bradley_terry_loss,
+    last_token_hidden,
+    likelihood_distillation_loss,
+    position_ids_from_mask,
+    scalar_head,
     score_sequences,
+    sequence_log_likelihood,
     sequence_rewards,
 )
 from .base import HFModelModule
@@ -64,6 +71,14 @@ class RewardModule(HFModelModule):
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         centering_coef: weight of ``mean((r_c + r_r)^2)`` in the loss (0 disables it).
+        likelihood_distillation_coef: weight of an auxiliary training loss (0 disables it): a
+            second linear head on the hidden state the reward is read from learns the
+            log-likelihood that the *initial* model (``model_name_or_path``, loaded frozen as a
+            causal LM: give it the SFT export) assigns to the sequence, standardised per batch
+            (:func:`~rlhf_lightning.reward_scoring.likelihood_distillation_loss`). It teaches
+            the backbone to carry what the SFT model knows about well-formed text to the
+            reward's token. Costs one no-grad forward of the reference per step; the
+            auxiliary head is not exported. See docs/reward.md.
         gradient_checkpointing: trade compute for memory on large models.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
@@ -88,6 +103,7 @@ class RewardModule(HFModelModule):
         warmup_steps: int = 20,
         lr_scheduler: str = "cosine",
         centering_coef: float = 0.0,
+        likelihood_distillation_coef: float = 0.0,
         gradient_checkpointing: bool = False,
         export_dir: str | None = "outputs/reward/model",
         overwrite_export: bool = False,
@@ -97,8 +113,13 @@ class RewardModule(HFModelModule):
         score_batch_size: int = 64,
     ) -> None:
         super().__init__()
+        if likelihood_distillation_coef < 0:
+            raise ValueError(f"likelihood_distillation_coef must be >= 0, got {likelihood_distillation_coef}")
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
+        self.likelihood_head: torch.nn.Linear | None = None
+        # Frozen, in a list so that it stays out of the state dict, the optimiser and .to().
+        self._reference: list[PreTrainedModel] = []
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
         self._gold_seen = False
@@ -119,17 +140,50 @@ class RewardModule(HFModelModule):
         # An offset from an earlier reward model would be stale once training changes the model.
         setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
         self.prepare_model(self.model)
+        if self.hparams.likelihood_distillation_coef > 0:
+            reference = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
+            self._reference = [reference.eval().requires_grad_(False)]
+            self.likelihood_head = torch.nn.Linear(self.model.config.hidden_size, 1)
+
+    def optimized_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters, and the auxiliary likelihood head's when there is one."""
+        yield from self.model.named_parameters()
+        if self.likelihood_head is not None:
+            yield from self.likelihood_head.named_parameters(prefix="likelihood_head")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw rewards ``(b,)`` of the rows, with grad."""
         return sequence_rewards(self.model, input_ids, attention_mask)
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rewards = self(batch["input_ids"], batch["attention_mask"])  # chosen rows, then rejected rows
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        hidden = last_token_hidden(self.model, input_ids, attention_mask)  # chosen rows, then rejected rows
+        rewards = scalar_head(self.model)(hidden).squeeze(-1).float()
         n_pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
         loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.centering_coef)
+        if self.likelihood_head is not None and self.training:
+            distillation = self._likelihood_distillation(input_ids, attention_mask, hidden)
+            self.log("train/likelihood_loss", distillation, batch_size=n_pairs)
+            loss = loss + self.hparams.likelihood_distillation_coef * distillation
         return loss, chosen.detach(), rejected.detach()
+
+    def _likelihood_distillation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """The auxiliary loss of ``likelihood_distillation_coef`` (see the class docstring)."""
+        reference = self._reference[0]
+        if reference.device != input_ids.device:
+            reference.to(input_ids.device)
+        with torch.no_grad():
+            logits = reference(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).logits
+            log_likelihood = sequence_log_likelihood(logits, input_ids, attention_mask)
+        return likelihood_distillation_loss(self.likelihood_head(hidden).squeeze(-1), log_likelihood)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, chosen, rejected = self._step(batch)
