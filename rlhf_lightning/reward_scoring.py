@@ -1,4 +1,5 @@
-"""Reward-model maths and scoring: the Bradley-Terry loss and reading a sequence's reward.
+"""Reward-model maths and scoring: the Bradley-Terry loss, reading a sequence's reward, and the
+auxiliary likelihood-distillation loss.
 
 A reward model here is a Hugging Face ``*ForSequenceClassification`` model with one label
 (see :func:`rlhf_lightning.models.load_sequence_scorer`). Its reward for a sequence is the
