@@ -31,6 +31,7 @@ import yaml
 from rlhf_lightning.data.encoding import attention_mask_for, encode_preference, pad
 from rlhf_lightning.evaluation import rank_correlation
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer
+from rlhf_lightning.modules.reward import pair_accuracy
 from rlhf_lightning.reward_scoring import score_sequences
 from rlhf_lightning.tasks import DEFAULT_SIZES, SentimentTask, gold_score, is_fluent, label_agreement
 
@@ -50,21 +51,22 @@ def evaluate(model_dir: str, records: list[dict], max_length: int) -> dict[str, 
         sequences += [encoded["chosen"], encoded["rejected"]]
     scores = score_sequences(model, pad(sequences, tokenizer.pad_token_id), attention_mask_for(sequences),
                              batch_size=256, apply_offset=False)
-    chosen, rejected = scores[0::2], scores[1::2]
-    correct = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).tolist()
-    golds = [(gold_score(r["prompt"], r["chosen"]), gold_score(r["prompt"], r["rejected"])) for r in records]
-    decided = [(hit, a > b) for hit, (a, b) in zip(correct, golds) if a != b]
+    correct = pair_accuracy(scores[0::2], scores[1::2])
+    golds = torch.tensor([(gold_score(r["prompt"], r["chosen"]), gold_score(r["prompt"], r["rejected"])) for r in records])
+    gold_label = pair_accuracy(golds[:, 0], golds[:, 1])  # what the reward module logs as val/gold_accuracy
+    decided = gold_label != 0.5
     result: dict[str, Any] = {
-        "accuracy": statistics.fmean(correct),
+        "accuracy": correct.mean().item(),
         "ceiling": label_agreement(records),
-        "gold_accuracy": statistics.fmean(hit if gold_chose else 1.0 - hit for hit, gold_chose in decided),
-        "gold_spearman": rank_correlation(scores.tolist(), [g for pair in golds for g in pair]),
+        "gold_accuracy": (1.0 - (correct - gold_label).abs())[decided].mean().item(),
+        "gold_spearman": rank_correlation(scores.tolist(), golds.reshape(-1).tolist()),
     }
     result["gap_points"] = 100 * (result["ceiling"] - result["accuracy"])
+    kinds = [pair_kind(r) for r in records]
     for kind in ("fl/fl", "fl/nf", "nf/nf"):
-        rows = [i for i, r in enumerate(records) if pair_kind(r) == kind]
+        rows = [i for i, k in enumerate(kinds) if k == kind]
         if rows:
-            result[kind] = {"pairs": len(rows), "accuracy": statistics.fmean(correct[i] for i in rows),
+            result[kind] = {"pairs": len(rows), "accuracy": correct[rows].mean().item(),
                             "ceiling": label_agreement([records[i] for i in rows])}
     return result
 
@@ -109,8 +111,7 @@ def main() -> None:
         results = []
         for seed in args.seeds:
             export = train(args.config, seed, out_dir, args.overrides)
-            with torch.inference_mode():
-                result = {"seed": seed, **evaluate(export, records, data_args.get("max_length", 256))}
+            result = {"seed": seed, **evaluate(export, records, data_args.get("max_length", 256))}
             results.append(result)
             print(json.dumps(result), flush=True)
 

@@ -115,6 +115,11 @@ def last_token_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask:
     return hidden[rows, last_token_index(attention_mask).to(hidden.device)]
 
 
+def rewards_from_hidden(model: PreTrainedModel, hidden: Tensor) -> Tensor:
+    """Rewards ``(b,)`` (float32) from :func:`last_token_hidden`'s states: the scalar head."""
+    return scalar_head(model)(hidden).squeeze(-1).float()
+
+
 def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Rewards ``(b,)`` (float32, with grad) read at each row's last real token.
 
@@ -122,7 +127,7 @@ def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: 
     the per-token scores read at that position). Raw rewards: ``reward_offset`` is *not*
     subtracted (see :func:`score_sequences`).
     """
-    return scalar_head(model)(last_token_hidden(model, input_ids, attention_mask)).squeeze(-1).float()
+    return rewards_from_hidden(model, last_token_hidden(model, input_ids, attention_mask))
 
 
 def sequence_log_likelihood(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -18,12 +18,12 @@ from ..reward_scoring import (
     bradley_terry_loss,
     last_token_hidden,
     likelihood_distillation_loss,
-    position_ids_from_mask,
-    scalar_head,
+    rewards_from_hidden,
     score_sequences,
     sequence_log_likelihood,
     sequence_rewards,
 )
+from ..rollout import causal_lm_logits
 from .base import HFModelModule
 from .export import export_at_fit_end
 
@@ -158,7 +158,7 @@ class RewardModule(HFModelModule):
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         hidden = last_token_hidden(self.model, input_ids, attention_mask)  # chosen rows, then rejected rows
-        rewards = scalar_head(self.model)(hidden).squeeze(-1).float()
+        rewards = rewards_from_hidden(self.model, hidden)
         n_pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
         loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.centering_coef)
@@ -176,12 +176,7 @@ class RewardModule(HFModelModule):
         if reference.device != input_ids.device:
             reference.to(input_ids.device)
         with torch.no_grad():
-            logits = reference(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            ).logits
+            logits = causal_lm_logits(reference, input_ids, attention_mask)
             log_likelihood = sequence_log_likelihood(logits, input_ids, attention_mask)
         return likelihood_distillation_loss(self.likelihood_head(hidden).squeeze(-1), log_likelihood)
 
