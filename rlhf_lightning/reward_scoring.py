@@ -99,20 +99,27 @@ def scalar_head(model: PreTrainedModel) -> nn.Module:
     return head
 
 
-def last_token_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states ``(b, h)`` of each row's last real token, with grad.
-
-    Runs the backbone with position ids built from the mask; the scalar head applied to these
-    gives :func:`sequence_rewards`.
-    """
-    hidden = model.base_model(
+def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The backbone's final hidden states ``(b, t, h)``, with grad, position ids built from the
+    mask (any padding side)."""
+    return model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
+
+
+def at_last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Rows ``(b, h)`` of ``hidden`` ``(b, t, h)`` at each row's last real token."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+
+
+def last_token_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states ``(b, h)`` of each row's last real token, with grad: the scalar head
+    applied to these gives :func:`sequence_rewards`."""
+    return at_last_token(hidden_states(model, input_ids, attention_mask), attention_mask)
 
 
 def rewards_from_hidden(model: PreTrainedModel, hidden: Tensor) -> Tensor:
@@ -130,29 +137,34 @@ def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: 
     return rewards_from_hidden(model, last_token_hidden(model, input_ids, attention_mask))
 
 
-def sequence_log_likelihood(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Log-likelihood ``(b,)`` (float32) of each row under a causal LM's ``logits`` ``(b, t, v)``:
-    the sum of ``log p(token | earlier tokens)`` over every real token that follows a real
-    token (the first real token has no prediction). Any padding side."""
-    logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+def token_log_likelihoods(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``log p(token_i | tokens before i)`` under a causal LM's ``logits`` ``(b, t, v)``, for
+    ``i = 1 .. t-1``: float32 ``(b, t-1)``, and the bool mask ``(b, t-1)`` of the positions
+    that count (a real token that follows a real token; the first real token has no
+    prediction). Any padding side."""
+    logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:]).float()
     predicted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    return torch.where(predicted, logprobs, 0.0).sum(dim=-1)
+    return logprobs, predicted
 
 
-def likelihood_distillation_loss(predicted: Tensor, log_likelihood: Tensor) -> Tensor:
-    """``mean((predicted - z)^2)``, where ``z`` is ``log_likelihood`` standardised over the batch
-    (zero mean, unit standard deviation; all zeros when the batch has no spread).
+def likelihood_distillation_loss(predicted: Tensor, log_likelihoods: Tensor, mask: Tensor) -> Tensor:
+    """``mean((predicted - z)^2)`` over the positions in ``mask``, where ``z`` is
+    ``log_likelihoods`` standardised over those positions (zero mean, unit standard deviation;
+    all zeros when they have no spread; the loss is 0 when ``mask`` is empty). All ``(b, t)``.
 
     The auxiliary loss of :class:`~rlhf_lightning.modules.RewardModule`'s
-    ``likelihood_distillation_coef``: a second head on the reward's hidden state learns how
-    likely the reference model finds the sequence, so that the backbone carries what the
-    reference knows about well-formed text to the token the reward is read at.
+    ``likelihood_distillation_coef``: a second head on every token's hidden state learns how
+    surprised the reference model was by that token, so that the backbone marks the slips the
+    reference notices (a doubled, stray or swapped word, a misspelling) where they happen, for
+    the reward's token to attend to.
     """
-    target = log_likelihood.float()
-    # A batch without spread gives 0 / tiny = 0: no host sync, no NaN.
-    spread = target.std(correction=0).clamp(min=torch.finfo(torch.float32).tiny)
-    standardised = (target - target.mean()) / spread
-    return F.mse_loss(predicted.float(), standardised)
+    weights = mask.float()
+    count = weights.sum().clamp(min=1.0)
+    target = log_likelihoods.float()
+    centred = (target - (target * weights).sum() / count) * weights  # 0 where not counted
+    # No host sync, no NaN: a spread of 0 gives 0 / tiny = 0 at every position.
+    spread = ((centred**2).sum() / count).sqrt().clamp(min=torch.finfo(torch.float32).tiny)
+    return (((predicted.float() - centred / spread) ** 2) * weights).sum() / count
 
 
 def reward_offset(model: PreTrainedModel) -> float:

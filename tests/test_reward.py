@@ -25,13 +25,13 @@ from rlhf_lightning.modules import RewardModule
 from rlhf_lightning.modules.reward import pair_accuracy
 from rlhf_lightning.reward_scoring import (
     bradley_terry_loss,
-    last_token_hidden,
+    hidden_states,
     last_token_index,
     likelihood_distillation_loss,
     position_ids_from_mask,
     score_sequences,
-    sequence_log_likelihood,
     sequence_rewards,
+    token_log_likelihoods,
 )
 from rlhf_lightning.tasks import SentimentTask, gold_score
 
@@ -62,25 +62,37 @@ def test_bradley_terry_loss_hand_computed():
         bradley_terry_loss(chosen, rejected[:1])
 
 
-def test_sequence_log_likelihood_hand_computed():
+def test_token_log_likelihoods_hand_computed():
     # Every position's logits are [0, 0] then [ln 3, 0]: p = (1/2, 1/2), then (3/4, 1/4).
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]).expand(2, 3, 2)
     ids = torch.tensor([[0, 1, 0], [1, 0, 1]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])  # row 1 is left-padded: only token 2 is predicted
-    # row 0: log p(1 | pos 0) + log p(0 | pos 1) = log 1/2 + log 3/4 = -0.693147 - 0.287682
-    # row 1: log p(1 | pos 1) = log 1/4 = -1.386294 (the pad's prediction of token 1 is not counted)
-    expected = torch.tensor([-0.980829, -1.386294])
-    torch.testing.assert_close(sequence_log_likelihood(logits, ids, mask), expected, atol=1e-6, rtol=0)
+    logprobs, predicted = token_log_likelihoods(logits, ids, mask)
+    # row 0: log p(1 | pos 0) = log 1/2, log p(0 | pos 1) = log 3/4
+    # row 1: log p(1 | pos 1) = log 1/4; the pad's "prediction" of token 1 does not count
+    assert predicted.tolist() == [[True, True], [False, True]]
+    torch.testing.assert_close(logprobs[predicted], torch.tensor([-0.693147, -0.287682, -1.386294]), atol=1e-6, rtol=0)
+    # right padding: the last position predicts a pad, which does not count either
+    _, predicted = token_log_likelihoods(logits, ids, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert predicted.tolist() == [[True, False], [True, True]]
 
 
 def test_likelihood_distillation_loss_hand_computed():
-    # log-likelihoods [1, 3]: mean 2, standard deviation 1 -> targets [-1, 1]
-    assert likelihood_distillation_loss(torch.zeros(2), torch.tensor([1.0, 3.0])).item() == pytest.approx(1.0)
+    counted = torch.tensor([[True, True, False]])
+    # log-likelihoods [1, 3] (the uncounted 99 plays no part): mean 2, sd 1 -> targets [-1, 1]
+    loss = likelihood_distillation_loss(torch.tensor([[0.0, 0.0, 50.0]]), torch.tensor([[1.0, 3.0, 99.0]]), counted)
+    assert loss.item() == pytest.approx(1.0)
     # predictions [1, 1]: ((1 + 1)^2 + 0^2) / 2 = 2; the scale of the likelihoods does not matter
-    assert likelihood_distillation_loss(torch.ones(2), torch.tensor([-10.0, 30.0])).item() == pytest.approx(2.0)
-    # no spread (or one row): every target is 0, no NaN
-    assert likelihood_distillation_loss(torch.tensor([1.0, 3.0]), torch.tensor([5.0, 5.0])).item() == pytest.approx(5.0)
-    assert likelihood_distillation_loss(torch.tensor([2.0]), torch.tensor([-7.0])).item() == pytest.approx(4.0)
+    loss = likelihood_distillation_loss(torch.ones(1, 3), torch.tensor([[-10.0, 30.0, 0.0]]), counted)
+    assert loss.item() == pytest.approx(2.0)
+    # standardised over the whole batch, not per row: [[1], [3]] -> [[-1], [1]]
+    loss = likelihood_distillation_loss(torch.tensor([[-1.0], [0.0]]), torch.tensor([[1.0], [3.0]]), torch.ones(2, 1, dtype=torch.bool))
+    assert loss.item() == pytest.approx(0.5)
+    # no spread (or one position): every target is 0, no NaN; nothing counted: 0
+    loss = likelihood_distillation_loss(torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[5.0, 5.0, 1.0]]), counted)
+    assert loss.item() == pytest.approx(5.0)
+    assert likelihood_distillation_loss(torch.tensor([[2.0]]), torch.tensor([[-7.0]]), torch.ones(1, 1, dtype=torch.bool)).item() == pytest.approx(4.0)
+    assert likelihood_distillation_loss(torch.ones(1, 2), torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.bool)).item() == 0.0
 
 
 def test_likelihood_distillation_reaches_the_backbone_not_the_reference(bpe_gpt2_dir: Path):
@@ -90,7 +102,15 @@ def test_likelihood_distillation_reaches_the_backbone_not_the_reference(bpe_gpt2
     tokenizer = module.tokenizer
     sequences = _sequences(tokenizer)
     ids, mask = pad(sequences, tokenizer.pad_token_id), attention_mask_for(sequences)
-    loss = module._likelihood_distillation(ids, mask, last_token_hidden(module.model, ids, mask))
+    hidden = hidden_states(module.model, ids, mask)
+    loss = module._likelihood_distillation(ids, mask, hidden)
+    # The state after token i is paired with the reference's log-probability of token i.
+    with torch.no_grad():
+        reference_logits = module._reference[0](input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        targets, counted = token_log_likelihoods(reference_logits, ids, mask)
+        head = module.likelihood_head
+        torch.testing.assert_close(loss.detach(), likelihood_distillation_loss(head(hidden[:, 1:]).squeeze(-1), targets, counted))
+        assert not torch.allclose(loss.detach(), likelihood_distillation_loss(head(hidden[:, :-1]).squeeze(-1), targets, counted))
     loss.backward()
     assert module.likelihood_head.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.base_model.parameters())

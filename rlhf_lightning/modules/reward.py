@@ -15,13 +15,14 @@ from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_k
 from ..models import load_causal_lm, load_sequence_scorer
 from ..reward_scoring import (
     REWARD_OFFSET_KEY,
+    at_last_token,
     bradley_terry_loss,
-    last_token_hidden,
+    hidden_states,
     likelihood_distillation_loss,
     rewards_from_hidden,
     score_sequences,
-    sequence_log_likelihood,
     sequence_rewards,
+    token_log_likelihoods,
 )
 from ..rollout import causal_lm_logits
 from .base import HFModelModule
@@ -72,13 +73,13 @@ class RewardModule(HFModelModule):
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         centering_coef: weight of ``mean((r_c + r_r)^2)`` in the loss (0 disables it).
         likelihood_distillation_coef: weight of an auxiliary training loss (0 disables it): a
-            second linear head on the hidden state the reward is read from learns the
-            log-likelihood that the *initial* model (``model_name_or_path``, loaded frozen as a
-            causal LM: give it the SFT export) assigns to the sequence, standardised per batch
+            second linear head on every token's hidden state learns the log-probability that
+            the *initial* model (``model_name_or_path``, loaded frozen as a causal LM: give it
+            the SFT export) gave that token, standardised per batch
             (:func:`~rlhf_lightning.reward_scoring.likelihood_distillation_loss`). It teaches
-            the backbone to carry what the SFT model knows about well-formed text to the
-            reward's token. Costs one no-grad forward of the reference per step; the
-            auxiliary head is not exported. See docs/reward.md.
+            the backbone to mark, token by token, the slips the SFT model notices, which the
+            reward's token can then attend to. Costs one no-grad forward of the reference per
+            step; the auxiliary head is not exported. See docs/reward.md.
         gradient_checkpointing: trade compute for memory on large models.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
@@ -157,8 +158,8 @@ class RewardModule(HFModelModule):
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        hidden = last_token_hidden(self.model, input_ids, attention_mask)  # chosen rows, then rejected rows
-        rewards = rewards_from_hidden(self.model, hidden)
+        hidden = hidden_states(self.model, input_ids, attention_mask)  # chosen rows, then rejected rows
+        rewards = rewards_from_hidden(self.model, at_last_token(hidden, attention_mask))
         n_pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
         loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.centering_coef)
@@ -171,14 +172,17 @@ class RewardModule(HFModelModule):
     def _likelihood_distillation(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
-        """The auxiliary loss of ``likelihood_distillation_coef`` (see the class docstring)."""
+        """The auxiliary loss of ``likelihood_distillation_coef`` (see the class docstring), from
+        the backbone's hidden states ``hidden`` ``(b, t, h)``."""
         reference = self._reference[0]
         if reference.device != input_ids.device:
             reference.to(input_ids.device)
         with torch.no_grad():
             logits = causal_lm_logits(reference, input_ids, attention_mask)
-            log_likelihood = sequence_log_likelihood(logits, input_ids, attention_mask)
-        return likelihood_distillation_loss(self.likelihood_head(hidden).squeeze(-1), log_likelihood)
+            log_likelihoods, predicted = token_log_likelihoods(logits, input_ids, attention_mask)
+        # The state after token i predicts how surprising token i was (i >= 1).
+        surprise = self.likelihood_head(hidden[:, 1:]).squeeze(-1)
+        return likelihood_distillation_loss(surprise, log_likelihoods, predicted)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, chosen, rejected = self._step(batch)
