@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from .ppo_math import logprobs_from_logits
+from .ppo_math import logprobs_from_logits, masked_mean
 
 #: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
 REWARD_OFFSET_KEY = "reward_offset"
@@ -116,25 +116,20 @@ def at_last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return hidden[rows, last_token_index(attention_mask).to(hidden.device)]
 
 
-def last_token_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states ``(b, h)`` of each row's last real token, with grad: the scalar head
-    applied to these gives :func:`sequence_rewards`."""
-    return at_last_token(hidden_states(model, input_ids, attention_mask), attention_mask)
-
-
 def rewards_from_hidden(model: PreTrainedModel, hidden: Tensor) -> Tensor:
-    """Rewards ``(b,)`` (float32) from :func:`last_token_hidden`'s states: the scalar head."""
+    """Rewards ``(b,)`` (float32) from the hidden states ``(b, h)`` at the last real token
+    (:func:`at_last_token`): the scalar head."""
     return scalar_head(model)(hidden).squeeze(-1).float()
 
 
 def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Rewards ``(b,)`` (float32, with grad) read at each row's last real token.
 
-    The scalar head applied to :func:`last_token_hidden` (the head is linear, so this equals
-    the per-token scores read at that position). Raw rewards: ``reward_offset`` is *not*
+    The scalar head applied to the backbone's state at that token (the head is linear, so this
+    equals the per-token scores read at that position). Raw rewards: ``reward_offset`` is *not*
     subtracted (see :func:`score_sequences`).
     """
-    return rewards_from_hidden(model, last_token_hidden(model, input_ids, attention_mask))
+    return rewards_from_hidden(model, at_last_token(hidden_states(model, input_ids, attention_mask), attention_mask))
 
 
 def token_log_likelihoods(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,13 +153,11 @@ def likelihood_distillation_loss(predicted: Tensor, log_likelihoods: Tensor, mas
     reference notices (a doubled, stray or swapped word, a misspelling) where they happen, for
     the reward's token to attend to.
     """
-    weights = mask.float()
-    count = weights.sum().clamp(min=1.0)
     target = log_likelihoods.float()
-    centred = (target - (target * weights).sum() / count) * weights  # 0 where not counted
+    centred = torch.where(mask.bool(), target - masked_mean(target, mask), 0.0)
     # No host sync, no NaN: a spread of 0 gives 0 / tiny = 0 at every position.
-    spread = ((centred**2).sum() / count).sqrt().clamp(min=torch.finfo(torch.float32).tiny)
-    return (((predicted.float() - centred / spread) ** 2) * weights).sum() / count
+    spread = masked_mean(centred.square(), mask).sqrt().clamp(min=torch.finfo(torch.float32).tiny)
+    return masked_mean((predicted.float() - centred / spread).square(), mask)
 
 
 def reward_offset(model: PreTrainedModel) -> float:
