@@ -5,7 +5,8 @@
   ``class_path`` in YAML. ``--print_config`` after the subcommand prints a config that runs the
   same way.
 * ``rlhf-lightning pipeline --config configs/demo/pipeline.yaml``: SFT -> reward -> PPO and a report.
-* ``rlhf-lightning task --out DIR``: write the built-in task's JSONL files, to see the formats.
+* ``rlhf-lightning task --name NAME --out DIR``: write a built-in task's JSONL files (to see the
+  formats, or to train on them as files).
 * ``rlhf-lightning tokenizer --output_dir DIR``: train a BPE tokenizer on demonstrations
   (:mod:`rlhf_lightning.tokenizer_training`), for a model trained from a preset.
 * ``rlhf-lightning label ...`` / ``label export ...``: collect preferences in the browser
@@ -50,15 +51,19 @@ class RLHFCLI(LightningCLI):
 
 
 def write_task_command(argv: Sequence[str]) -> int:
-    from .tasks import write_task_files
+    from .tasks import BUILTIN_TASKS, get_task
 
     parser = argparse.ArgumentParser(
-        prog="rlhf-lightning task", description="Write the built-in sentiment task as JSONL files."
+        prog="rlhf-lightning task", description="Write a built-in task's six JSONL files (SFT, preferences, prompts)."
     )
-    parser.add_argument("--out", default="data/sentiment", help="folder to write into")
+    parser.add_argument("--name", default="sentiment", help=f"one of {', '.join(BUILTIN_TASKS)} (default: sentiment)")
+    parser.add_argument("--out", default=None, help="folder to write into (default: data/NAME)")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(list(argv))
-    for name, path in write_task_files(options.out, seed=options.seed).items():
+    if options.name not in BUILTIN_TASKS:
+        raise UserInputError(f"task --name: unknown task {options.name!r}; choose from {', '.join(BUILTIN_TASKS)}")
+    task = get_task(options.name, options.seed)
+    for name, path in task.write_files(options.out or f"data/{options.name}").items():
         print(f"{name}: {path}")
     return 0
 

@@ -1,13 +1,14 @@
 """Comparing two policies on held-out prompts: what the pipeline report is made of.
 
 Both policies sample with the same seed and settings; the reward model (when given) scores
-both, KL to the reference is measured on the trained policy's samples, and on the built-in
-task the gold annotator judges the pair (win rate, gold score, fluency).
+both, KL to the reference is measured on the trained policy's samples, and a gold judge (when
+given) judges the pair (win rate, gold score, validity).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +23,9 @@ from .rollout import GenerationSettings, Responses, RolloutLoop, response_logpro
 
 @dataclass
 class PolicyComparison:
-    """Averages over the prompts; ``gold_*``, ``fluency*`` and ``*reward_gold_spearman`` (the
-    rank correlation of reward-model and gold scores on each policy's samples) only on the
-    built-in task."""
+    """Averages over the prompts; ``gold_*`` and ``*reward_gold_spearman`` (the rank correlation
+    of reward-model and gold scores on each policy's samples) only with a judge, ``*validity``
+    only with a judge that has ``is_valid``."""
 
     num_prompts: int
     score: float | None
@@ -35,8 +36,8 @@ class PolicyComparison:
     gold_score: float | None = None
     baseline_gold_score: float | None = None
     gold_win_rate: float | None = None
-    fluency: float | None = None
-    baseline_fluency: float | None = None
+    validity: float | None = None
+    baseline_validity: float | None = None
     reward_gold_spearman: float | None = None
     baseline_reward_gold_spearman: float | None = None
 
@@ -58,20 +59,22 @@ def sample_responses(
     return Responses(prompt_ids, prompt_mask, response_ids, response_mask, loop.tokenizer)
 
 
-def gold_judgements(prompts: list[str], completions: list[str], baseline_completions: list[str]) -> dict[str, list[float]]:
-    """The built-in task's gold annotator on two sets of completions for the same prompts:
-    gold scores, wins of the first over the second (ties 0.5) and fluency."""
-    from .tasks import gold_score, is_fluent
+JudgeFn = Callable[[list[str], list[str]], Sequence[float]]
 
-    gold = [gold_score(p, c) for p, c in zip(prompts, completions)]
-    baseline = [gold_score(p, c) for p, c in zip(prompts, baseline_completions)]
-    return {
-        "gold": gold,
-        "baseline_gold": baseline,
-        "win": [1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(gold, baseline)],
-        "fluency": [float(is_fluent(c)) for c in completions],
-        "baseline_fluency": [float(is_fluent(c)) for c in baseline_completions],
-    }
+
+def judge_pairs(judge: JudgeFn, prompts: list[str], completions: list[str], baseline_completions: list[str]) -> dict[str, list[float]]:
+    """A gold judge on two sets of completions for the same prompts: gold scores, wins of the
+    first over the second (ties 0.5) and, when the judge has ``is_valid``, validity (0/1)."""
+    from .tasks import compare, judge_validity
+
+    gold = [float(g) for g in judge(list(prompts), list(completions))]
+    baseline = [float(g) for g in judge(list(prompts), list(baseline_completions))]
+    judged = {"gold": gold, "baseline_gold": baseline, "win": list(map(compare, gold, baseline))}
+    validity = judge_validity(judge, prompts, completions)
+    if validity is not None:
+        judged["validity"] = validity
+        judged["baseline_validity"] = judge_validity(judge, prompts, baseline_completions)
+    return judged
 
 
 @torch.no_grad()
@@ -81,11 +84,12 @@ def compare_policies(
     prompts: list[str],
     reward_model_dir: str | None = None,
     generation: GenerationSettings | None = None,
-    gold_annotator: bool = True,
+    judge: JudgeFn | None = None,
     seed: int = 0,
     batch_size: int = 50,
 ) -> tuple[PolicyComparison, list[dict[str, Any]]]:
-    """Sample both policies on ``prompts`` and compare them; also returns per-prompt samples."""
+    """Sample both policies on ``prompts`` and compare them (with ``judge``, also by the judge);
+    also returns per-prompt samples."""
     tokenizer = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir, tokenizer).eval()
     baseline = load_causal_lm(baseline_dir, tokenizer).eval()
@@ -106,7 +110,7 @@ def compare_policies(
         scores = scorer(mine).tolist() if scorer else [None] * len(chunk)
         baseline_scores = scorer(theirs).tolist() if scorer else [None] * len(chunk)
         kls += sequence_kl(policy, baseline, mine, loop.generation.temperature).tolist()
-        judged = gold_judgements(chunk, mine.completions, theirs.completions) if gold_annotator else {}
+        judged = judge_pairs(judge, chunk, mine.completions, theirs.completions) if judge is not None else {}
         for i, prompt in enumerate(chunk):
             row = {
                 "prompt": prompt,
@@ -116,7 +120,7 @@ def compare_policies(
             }
             row.update({key: values[i] for key, values in judged.items()})
             rows.append(row)
-    return summarise(rows, kls, gold_annotator), rows
+    return summarise(rows, kls), rows
 
 
 def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, responses: Responses, temperature: float) -> torch.Tensor:
@@ -144,7 +148,8 @@ def rank_correlation(xs: list[float | None], ys: list[float | None]) -> float | 
     return spearman_corrcoef(x, y).item()
 
 
-def summarise(rows: list[dict[str, Any]], kls: list[float], gold: bool) -> PolicyComparison:
+def summarise(rows: list[dict[str, Any]], kls: list[float]) -> PolicyComparison:
+    """Averages of the per-prompt rows; judge metrics when the rows carry them."""
     comparison = PolicyComparison(
         num_prompts=len(rows),
         score=_mean([r["score"] for r in rows]),
@@ -153,12 +158,10 @@ def summarise(rows: list[dict[str, Any]], kls: list[float], gold: bool) -> Polic
         response_length=_mean([r["length"] for r in rows]),
         baseline_response_length=_mean([r["baseline_length"] for r in rows]),
     )
-    if gold:
+    if rows and "gold" in rows[0]:
         comparison.gold_score = _mean([r["gold"] for r in rows])
         comparison.baseline_gold_score = _mean([r["baseline_gold"] for r in rows])
         comparison.gold_win_rate = _mean([r["win"] for r in rows])
-        comparison.fluency = _mean([r["fluency"] for r in rows])
-        comparison.baseline_fluency = _mean([r["baseline_fluency"] for r in rows])
         # Does the reward model rank fresh samples as the gold annotator does? On the SFT
         # policy's samples this is the reward model's own quality on the text PPO starts from;
         # on the PPO policy's samples, a drop below it shows the policy exploiting the model.
@@ -166,4 +169,7 @@ def summarise(rows: list[dict[str, Any]], kls: list[float], gold: bool) -> Polic
         comparison.baseline_reward_gold_spearman = rank_correlation(
             [r["baseline_score"] for r in rows], [r["baseline_gold"] for r in rows]
         )
+    if rows and "validity" in rows[0]:
+        comparison.validity = _mean([r["validity"] for r in rows])
+        comparison.baseline_validity = _mean([r["baseline_validity"] for r in rows])
     return comparison

@@ -40,8 +40,12 @@ class PipelineConfig:
         redo: stages to run again even when their output folder is complete (``tokenizer``
             too, which reruns every stage).
         eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` JSONL
-            file, or null for the built-in task's validation prompts.
-        gold_annotator: judge with the built-in task's gold annotator (its task only).
+            file, or null for the validation prompts of the PPO config's data module.
+        judge: import path of a gold judge ``(prompts, completions) -> scores`` (e.g.
+            ``rlhf_lightning.tasks.sentiment.judge``, or your own), or null for none. It judges
+            the final comparison (win rate, gold score, validity, Spearman with the reward
+            model), gives the noise ceiling of the reward stage's validation pairs, and is
+            passed to the reward and PPO stages whose configs name no judge of their own.
         seed: sampling seed of the final comparison.
         tokenizer_vocab_size: upper bound on the vocabulary of the tokenizer trained for the
             SFT config's ``tokenizer_name_or_path`` (see :mod:`rlhf_lightning.tokenizer_training`).
@@ -53,7 +57,7 @@ class PipelineConfig:
     ppo: str = "configs/demo/ppo.yaml"
     redo: list[str] = field(default_factory=list)
     eval_prompts: str | None = None
-    gold_annotator: bool = True
+    judge: str | None = None
     seed: int = 0
     tokenizer_vocab_size: int = DEFAULT_VOCAB_SIZE
 
@@ -94,15 +98,27 @@ OVERWRITE = "--model.init_args.overwrite_export=true"
 
 
 def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
-    """``fit`` arguments of each stage, wired to the previous stages' exports."""
+    """``fit`` arguments of each stage, wired to the previous stages' exports (and to the
+    pipeline's judge, and to the user's SFT data for the reward model's normalisation)."""
+    reward_args, ppo_args = _init_args(config.reward), _init_args(config.ppo)
+
+    def judge(stage_args: dict[str, Any]) -> list[str]:
+        return [f"--model.init_args.judge={config.judge}"] if config.judge and "judge" not in stage_args else []
+
+    # Reward normalisation (mean reward of SFT demonstrations = 0) on the user's own SFT data.
+    sft_data = _init_args(config.sft, "data")
+    sft_file = sft_data.get("val_file") or sft_data.get("train_file")
+    normalize = [f"--model.init_args.normalize_file={sft_file}"] if sft_file and not reward_args.get("normalize_file") else []
     return {
         "sft": ["fit", "--config", config.sft, OVERWRITE],
-        "reward": ["fit", "--config", config.reward, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}"],
+        "reward": ["fit", "--config", config.reward, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}",
+                   *judge(reward_args), *normalize],
         "ppo": [
             "fit", "--config", config.ppo, OVERWRITE,
             f"--model.init_args.policy={outputs['sft']}",
             # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
-            *([] if _init_args(config.ppo).get("reward_fn") else [f"--model.init_args.reward_model={outputs['reward']}"]),
+            *([] if ppo_args.get("reward_fn") else [f"--model.init_args.reward_model={outputs['reward']}"]),
+            *judge(ppo_args),
         ],
     }
 
@@ -114,6 +130,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     unknown = set(config.redo) - {TOKENIZER, *STAGES}
     if unknown:
         raise ValueError(f"redo: unknown stage(s) {sorted(unknown)}; choose from {(TOKENIZER, *STAGES)}")
+    load_judge(config.judge)  # a wrong import path fails now, not after the stages
     outputs = stage_outputs(config)
     commands = stage_commands(config, outputs)
     timings: dict[str, float | None] = {}
@@ -143,30 +160,54 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
+def load_judge(path: str | None) -> Any:
+    """The judge at import path ``path`` (None: no judge); a one-line error names the key."""
+    if path is None:
+        return None
+    from .tasks import import_object
+
+    try:
+        judge = import_object(path)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserInputError(f"pipeline: judge: cannot import {path!r} ({err})") from err
+    if not callable(judge):
+        raise UserInputError(f"pipeline: judge: {path!r} is not callable (prompts, completions) -> scores")
+    return judge
+
+
+def validation_records(config_path: str) -> list[dict[str, Any]]:
+    """The validation records of a stage config's data module (its files, split or task)."""
+    from .tasks import import_object
+
+    data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")).get("data") or {}
+    datamodule = import_object(data["class_path"])(**(data.get("init_args") or {}))
+    return datamodule.load_records()[1]
+
+
 def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     """Compare the PPO policy with the SFT policy on held-out prompts."""
     from .data.records import read_prompts
     from .evaluation import compare_policies
-    from .tasks import DEFAULT_SIZES, SentimentTask
+    from .tasks import label_agreement
 
-    if config.eval_prompts:
-        prompts = [r["prompt"] for r in read_prompts(config.eval_prompts)]
-    else:
-        prompts = [r["prompt"] for r in SentimentTask(config.seed).prompt_records(DEFAULT_SIZES["prompts_val"], "val")]
+    judge = load_judge(config.judge)
+    records = read_prompts(config.eval_prompts) if config.eval_prompts else validation_records(config.ppo)
+    prompts = [r["prompt"] for r in records]
+    if not prompts:
+        raise UserInputError(f"{config.ppo}: no validation prompts for the final comparison; hint: set eval_prompts")
     generation = GenerationSettings(**(_init_args(config.ppo).get("generation") or {}))
     comparison, rows = compare_policies(
         outputs["ppo"], outputs["sft"], prompts, reward_model_dir=outputs["reward"],
-        generation=generation, gold_annotator=config.gold_annotator, seed=config.seed,
+        generation=generation, judge=judge, seed=config.seed,
     )
     scalars = read_scalars(Path(config.run_dir))
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
     reward = {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/")}
-    if config.gold_annotator:
-        from .tasks import label_agreement
-
-        # The accuracy a perfect reward model would reach on the noisy held-out labels.
-        held_out = SentimentTask(config.seed).preference_records(DEFAULT_SIZES["prefs_val"], "val")
-        reward["label_ceiling"] = label_agreement(held_out)
+    held_out = validation_records(config.reward) if judge is not None else []
+    if held_out:
+        # The accuracy a perfect reward model (one that ranks like the judge) would reach on
+        # the noisy held-out labels.
+        reward["label_ceiling"] = label_agreement(held_out, judge)
     summary = {
         "gold_win_rate": comparison.gold_win_rate,
         "comparison": comparison.to_dict(),
@@ -191,7 +232,7 @@ def print_table(summary: dict[str, Any]) -> None:
         ("RM gold accuracy", summary["reward"].get("val/gold_accuracy")),
         ("gold win rate PPO vs SFT", c["gold_win_rate"]),
         ("gold score PPO / SFT", f"{fmt(c['gold_score'])} / {fmt(c['baseline_gold_score'])}"),
-        ("fluency PPO / SFT", f"{fmt(c['fluency'])} / {fmt(c['baseline_fluency'])}"),
+        ("validity PPO / SFT", f"{fmt(c['validity'])} / {fmt(c['baseline_validity'])}"),
         ("RM score PPO / SFT", f"{fmt(c['score'])} / {fmt(c['baseline_score'])}"),
         ("RM-gold Spearman, samples PPO / SFT",
          f"{fmt(c['reward_gold_spearman'])} / {fmt(c['baseline_reward_gold_spearman'])}"),

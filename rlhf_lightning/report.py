@@ -16,7 +16,7 @@ Scalars = dict[str, dict[str, list[tuple[int, float]]]]
 PLOTS = {
     "ppo_scores.png": ("PPO: reward-model score and gold score", ["objective/scores", "eval/score", "eval/gold_score"]),
     "ppo_kl.png": ("PPO: KL to the reference and KL coefficient", ["objective/kl", "eval/kl", "objective/kl_coef"]),
-    "ppo_quality.png": ("PPO: gold win rate over SFT and fluency", ["eval/gold_win_rate", "eval/fluency", "eval/ref_fluency"]),
+    "ppo_quality.png": ("PPO: gold win rate over SFT and validity", ["eval/gold_win_rate", "eval/validity", "eval/ref_validity"]),
     "sft_loss.png": ("SFT: loss", ["train/loss", "val/loss"]),
     "reward_accuracy.png": ("Reward model: accuracy", ["train/accuracy", "val/accuracy", "val/gold_accuracy"]),
 }
@@ -84,7 +84,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
         "|---|---|---|",
         f"| gold win rate (PPO over SFT) | {fmt(c['gold_win_rate'])} | |",
         f"| gold score | {fmt(c['gold_score'])} | {fmt(c['baseline_gold_score'])} |",
-        f"| fluency (grammar check) | {fmt(c['fluency'])} | {fmt(c['baseline_fluency'])} |",
+        f"| validity (the judge's check) | {fmt(c['validity'])} | {fmt(c['baseline_validity'])} |",
         f"| reward-model score | {fmt(c['score'])} | {fmt(c['baseline_score'])} |",
         f"| Spearman(reward model, gold) on these samples | {fmt(c['reward_gold_spearman'])} "
         f"| {fmt(c['baseline_reward_gold_spearman'])} |",

@@ -50,7 +50,7 @@ def ppo_config(run: Path, policy: Path, pause_marker: Path | None = None) -> Pat
                 "max_iterations": ITERATIONS, "generation": {"max_new_tokens": 8},
                 "ppo": {"epochs": 1, "num_minibatches": 2}, "kl": {"coef": 0.1, "target": 1.0, "horizon": 100},
                 "forward_batch_size": 4, "policy_export_dir": str(run / "policy"),
-                "critic_export_dir": str(run / "critic"), "gold_annotator": True,
+                "critic_export_dir": str(run / "critic"), "judge": "rlhf_lightning.tasks.sentiment.judge",
             },
         },
         "data": {"class_path": "rlhf_lightning.data.PromptDataModule",

@@ -24,13 +24,31 @@ def test_rank_correlation_is_none_when_undefined(xs, ys):
 
 def _row(score: float, gold: float, baseline_score: float, baseline_gold: float) -> dict:
     return {"score": score, "gold": gold, "length": 3, "baseline_score": baseline_score, "baseline_gold": baseline_gold,
-            "baseline_length": 4, "win": 1.0, "fluency": 1.0, "baseline_fluency": 0.0}
+            "baseline_length": 4, "win": 1.0, "validity": 1.0, "baseline_validity": 0.0}
 
 
 def test_summarise_reports_reward_gold_spearman_per_policy():
     rows = [_row(0.1, -1.0, 2.0, -1.0), _row(0.5, 0.2, 1.0, 0.2), _row(0.9, 0.8, 0.0, 0.8)]
-    comparison = summarise(rows, kls=[0.0, 0.0, 0.0], gold=True)
+    comparison = summarise(rows, kls=[0.0, 0.0, 0.0])
     assert comparison.reward_gold_spearman == pytest.approx(1.0, abs=1e-5)  # PPO samples: same order as gold
     assert comparison.baseline_reward_gold_spearman == pytest.approx(-1.0, abs=1e-5)  # SFT samples: reversed
-    without_gold = summarise([{k: v for k, v in r.items() if "gold" not in k} for r in rows], [0.0] * 3, gold=False)
-    assert without_gold.reward_gold_spearman is None and without_gold.baseline_reward_gold_spearman is None
+    assert (comparison.validity, comparison.baseline_validity) == (1.0, 0.0)
+    judged = ("gold", "baseline_gold", "win", "validity", "baseline_validity")
+    without_judge = summarise([{k: v for k, v in r.items() if k not in judged} for r in rows], [0.0] * 3)
+    assert without_judge.reward_gold_spearman is None and without_judge.baseline_reward_gold_spearman is None
+    assert without_judge.gold_win_rate is None and without_judge.validity is None
+
+
+def test_judge_pairs_with_and_without_a_validity_check():
+    from rlhf_lightning.evaluation import judge_pairs
+
+    def by_length(prompts, completions):  # a user's judge: a plain function, no is_valid
+        return [float(len(c)) for c in completions]
+
+    judged = judge_pairs(by_length, ["p", "p", "p"], ["aa", "a", "bb"], ["a", "aa", "cc"])
+    assert judged == {"gold": [2.0, 1.0, 2.0], "baseline_gold": [1.0, 2.0, 2.0], "win": [1.0, 0.0, 0.5]}
+
+    from rlhf_lightning.tasks.sentiment import judge
+
+    judged = judge_pairs(judge, ["p", "p"], [" good and fun.", " good good."], [" x", " bad and dull."])
+    assert judged["validity"] == [1.0, 0.0] and judged["baseline_validity"] == [0.0, 1.0]

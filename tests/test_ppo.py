@@ -21,6 +21,7 @@ from rlhf_lightning.models import (
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
 from rlhf_lightning.rollout import GenerationSettings, RolloutLoop
 from rlhf_lightning.tasks import gold_rewards
+from rlhf_lightning.tasks.sentiment import judge
 
 from .conftest import bpe_tokenizer_without_pad, save_tiny_gpt2
 
@@ -226,13 +227,15 @@ def test_demo_config_fast_dev_run_with_validation(tmp_path: Path, monkeypatch, b
 
 def test_validation_reports_gold_metrics(tmp_path: Path, byte_gpt2_dir: Path, reward_dir: Path):
     seed_everything(0)
-    module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(reward_dir), gold_annotator=True)
+    module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(reward_dir), judge=judge)
     module.hparams.max_iterations = 1
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=1, val_check_interval=1, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=PromptDataModule(batch_size=8, val_batch_size=4, max_length=64))
     metrics = trainer.callback_metrics
     assert 0.0 <= metrics["eval/gold_win_rate"].item() <= 1.0
-    assert 0.0 <= metrics["eval/fluency"].item() <= 1.0
+    assert 0.0 <= metrics["eval/validity"].item() <= 1.0
+    for name in ("eval/reward_gold_spearman", "eval/ref_reward_gold_spearman"):
+        assert -1.0 <= metrics[name].item() <= 1.0, name
     assert metrics["eval/kl"].item() != 0.0  # the policy moved away from the reference
     assert torch.isfinite(metrics["eval/score"]) and torch.isfinite(metrics["eval/ref_gold_score"])

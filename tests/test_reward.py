@@ -33,7 +33,8 @@ from rlhf_lightning.reward_scoring import (
     sequence_rewards,
     token_log_likelihoods,
 )
-from rlhf_lightning.tasks import SentimentTask, gold_score
+from rlhf_lightning.tasks import SentimentTask
+from rlhf_lightning.tasks.sentiment import gold_score, judge
 
 from .conftest import write_lines
 
@@ -340,8 +341,8 @@ def test_gold_metrics_match_a_direct_computation(tmp_path: Path, byte_gpt2_dir: 
     records = SentimentTask(seed=3).preference_records(24, split="val")
     records.append(dict(records[0]))  # a duplicate pair: same ids, same gold score
     val = write_lines(tmp_path / "val.jsonl", records)
-    module = RewardModule(str(byte_gpt2_dir), export_dir=None)
-    data = PreferenceDataModule(train_file=str(val), val_file=str(val), batch_size=5, gold_labels=True)
+    module = RewardModule(str(byte_gpt2_dir), export_dir=None, judge=judge)
+    data = PreferenceDataModule(train_file=str(val), val_file=str(val), batch_size=5)
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule=data)
     metrics = trainer.callback_metrics

@@ -9,23 +9,34 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lightning.tasks import (
-    DEFAULT_NOISE_TEMPERATURE,
-    DEFAULT_SIZES,
+from rlhf_lightning.tasks import DEFAULT_NOISE_TEMPERATURE, DEFAULT_SIZES, SentimentTask, win_rate
+from rlhf_lightning.tasks import label_agreement as judged_agreement
+from rlhf_lightning.tasks.sentiment import (
+    DEGENERATE_KINDS,
+    MAX_TEXT_BYTES,
     PROMPTS,
     SENTIMENTS,
-    SentimentTask,
     degenerate_completion,
-    fluency_rate,
     gold_score,
-    gold_win_rate,
     is_fluent,
-    label_agreement,
+    judge,
     sample_completion,
     sentiment_label,
-    write_task_files,
 )
-from rlhf_lightning.tasks.sentiment import DEGENERATE_KINDS, MAX_TEXT_BYTES
+
+
+def label_agreement(records: list[dict]) -> float:
+    return judged_agreement(records, judge)
+
+
+def fluency_rate(completions: list[str]) -> float:
+    if not completions:
+        raise ValueError("no completions")
+    return sum(judge.is_valid([P] * len(completions), completions)) / len(completions)
+
+
+def write_task_files(out_dir: Path, seed: int = 0, sizes: dict | None = None) -> dict:
+    return SentimentTask(seed).write_files(out_dir, sizes)
 
 P = PROMPTS[0]
 POSITIVE = " really great and fun. I loved the music."
@@ -147,20 +158,20 @@ def test_sentiment_order() -> None:
     assert -1.0 <= neg and pos <= 1.0
 
 
-def test_gold_win_rate_on_hand_written_examples() -> None:
+def test_win_rate_on_hand_written_examples() -> None:
     prompts = [P, P, P, P]
     a = [POSITIVE, NEUTRAL, " great great great.", POSITIVE]
     b = [NEGATIVE, NEGATIVE, NEGATIVE, POSITIVE]
-    assert gold_win_rate(prompts, a, b) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
-    assert gold_win_rate(prompts, b, a) == pytest.approx((0 + 0 + 1 + 0.5) / 4)
+    assert win_rate(judge, prompts, a, b) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert win_rate(judge, prompts, b, a) == pytest.approx((0 + 0 + 1 + 0.5) / 4)
     with pytest.raises(ValueError):
-        gold_win_rate(prompts, a, b[:2])
+        win_rate(judge, prompts, a, b[:2])
 
 
-def test_fluency_rate() -> None:
-    assert fluency_rate([POSITIVE, NEGATIVE, " great great.", ""]) == 0.5
-    with pytest.raises(ValueError):
-        fluency_rate([])
+def test_judge_is_the_gold_score_and_the_fluency_check() -> None:
+    texts = [POSITIVE, NEGATIVE, " great great.", ""]
+    assert judge([P] * 4, texts) == [gold_score(P, t) for t in texts]
+    assert judge.is_valid([P] * 4, texts) == [True, True, False, False]
 
 
 def test_preference_records_are_noisy_but_mostly_right(prefs: list[dict]) -> None:

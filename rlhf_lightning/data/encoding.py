@@ -183,8 +183,6 @@ class PreferenceCollator:
             "attention_mask": attention_mask_for(sequences, self.padding_side),
             "margin": torch.tensor([p["margin"] for p in pairs], dtype=torch.float),
         }
-        if "gold_label" in pairs[0]:
-            batch["gold_label"] = torch.tensor([p["gold_label"] for p in pairs], dtype=torch.float)
         return batch
 
 

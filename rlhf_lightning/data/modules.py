@@ -1,7 +1,8 @@
 """LightningDataModules for the three record families: SFT, preferences, prompts.
 
 Each reads JSONL files (``train_file`` and an optional ``val_file``, or a seeded
-``val_fraction`` split of the training file) or, when no file is given, the built-in task.
+``val_fraction`` split of the training file) or, when no file is given, the records of
+``task`` (a built-in task's name, or the import path of a user's task class or object).
 The tokenizer is either named here (``tokenizer``) or taken from the LightningModule being
 trained (its ``tokenizer`` attribute), so a YAML config names the model only once.
 """
@@ -49,13 +50,17 @@ class _JSONLDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        task: str = "sentiment",
     ) -> None:
+        """``task``: where records come from when ``train_file`` is null: a built-in task's name
+        (see :data:`rlhf_lightning.tasks.BUILTIN_TASKS`) or an import path; drawn with ``seed``."""
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.tokenizer_name = tokenizer
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.task = task
         self.val_batch_size = val_batch_size or batch_size
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_records: list[Record] = []
@@ -65,10 +70,10 @@ class _JSONLDataModule(LightningDataModule):
         self._resume_position: tuple[int, int] | None = None  # (epoch, batches consumed) to skip
 
     # --- what a subclass supplies -------------------------------------------------------
-    def read(self, path: str) -> list[Record]:
-        raise NotImplementedError
+    #: the record kind a task makes for this module: ``sft``, ``prefs`` or ``prompts``
+    record_kind = ""
 
-    def builtin_records(self, split: str) -> list[Record]:
+    def read(self, path: str) -> list[Record]:
         raise NotImplementedError
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
@@ -78,6 +83,14 @@ class _JSONLDataModule(LightningDataModule):
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------
+    def builtin_records(self, split: str) -> list[Record]:
+        """The ``task``'s records of this module's kind for ``split`` (its default sizes)."""
+        from ..tasks import DEFAULT_SIZES, get_task
+
+        task = get_task(self.task, self.seed)
+        make = {"sft": task.sft_records, "prefs": task.preference_records, "prompts": task.prompt_records}
+        return make[self.record_kind](DEFAULT_SIZES[f"{self.record_kind}_{split}"], split)
+
     def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is not None:
             return self.tokenizer
@@ -188,26 +201,16 @@ class _JSONLDataModule(LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False, batch_size=self.val_batch_size)
 
 
-def _builtin_records(kind: str, split: str, seed: int) -> list[Record]:
-    """Records of the built-in sentiment task: ``kind`` is ``sft``, ``prefs`` or ``prompts``."""
-    from ..tasks import DEFAULT_SIZES, SentimentTask
-
-    task = SentimentTask(seed=seed)
-    make = {"sft": task.sft_records, "prefs": task.preference_records, "prompts": task.prompt_records}[kind]
-    return make(DEFAULT_SIZES[f"{kind}_{split}"], split=split)
-
-
 class SFTDataModule(_JSONLDataModule):
     """Demonstrations: prompt/completion, plain text or chat messages (mixed freely).
 
-    ``train_file=None`` trains on the built-in sentiment task's SFT split.
+    ``train_file=None`` trains on the ``task``'s demonstrations.
     """
+
+    record_kind = "sft"
 
     def read(self, path: str) -> list[Record]:
         return read_sft(path)
-
-    def builtin_records(self, split: str) -> list[Record]:
-        return _builtin_records("sft", split, self.seed)
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
         return encode_sft(record, tokenizer, self.max_length)
@@ -217,34 +220,21 @@ class SFTDataModule(_JSONLDataModule):
 
 
 class PreferenceDataModule(_JSONLDataModule):
-    """Preference pairs ``{"prompt", "chosen", "rejected"[, "margin"]}`` for the reward stage.
+    """Preference pairs ``{"prompt", "chosen", "rejected"[, "margin"]}`` for the reward stage."""
 
-    With the built-in task (or ``gold_labels=True`` on files it wrote), each pair also carries
-    the gold annotator's own verdict, so validation can report accuracy against it.
-    """
+    record_kind = "prefs"
 
-    def __init__(self, *args: Any, padding_side: str = "right", gold_labels: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, padding_side: str = "right", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
-        self.gold_labels = gold_labels
 
     def read(self, path: str) -> list[Record]:
         return read_preferences(path)
 
-    def builtin_records(self, split: str) -> list[Record]:
-        return _builtin_records("prefs", split, self.seed)
-
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
-        pair = encode_preference(record, tokenizer, self.max_length)
-        if self.gold_labels if self.gold_labels is not None else self.train_file is None:
-            from ..tasks import gold_score
-
-            chosen = gold_score(record["prompt"], record["chosen"])
-            rejected = gold_score(record["prompt"], record["rejected"])
-            pair["gold_label"] = 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
-        return pair
+        return encode_preference(record, tokenizer, self.max_length)
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> PreferenceCollator:
         return PreferenceCollator(tokenizer.pad_token_id, self.padding_side)
@@ -257,11 +247,10 @@ class PromptDataModule(_JSONLDataModule):
     record (for callable rewards that need the prompt text).
     """
 
+    record_kind = "prompts"
+
     def read(self, path: str) -> list[Record]:
         return read_prompts(path)
-
-    def builtin_records(self, split: str) -> list[Record]:
-        return _builtin_records("prompts", split, self.seed)
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
         return {"prompt_ids": encode_prompt_record(record, tokenizer, self.max_length)}

@@ -22,12 +22,13 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
+from torchmetrics.regression import SpearmanCorrCoef
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
 from ..checkpoint_io import use_atomic_checkpoints
 from ..errors import UserInputError
-from ..evaluation import gold_judgements, sample_responses, sequence_kl
+from ..evaluation import JudgeFn, judge_pairs, sample_responses, sequence_kl
 from ..guards import NONFINITE_STEPS, default_guards
 from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
@@ -126,8 +127,11 @@ class PPOModule(LightningModule):
         learning_rate / critic_learning_rate: AdamW (eps 1e-5) learning rates, decayed by
             ``lr_scheduler`` over the run.
         max_iterations: stop after this many PPO iterations (None: the Trainer decides).
-        gold_annotator: also report the built-in task's gold score, fluency and win rate over
-            the reference policy during validation.
+        judge: a gold judge ``(prompts, completions) -> scores`` (in YAML: its import path,
+            e.g. ``rlhf_lightning.tasks.sentiment.judge``, or your own): validation then also
+            reports the judge's score of policy and reference samples, the policy's win rate
+            over the reference, the reward's Spearman correlation with the judge on both, and
+            validity when the judge has ``is_valid``. Evaluation only, never a training signal.
         health_guards: add the callbacks of :mod:`rlhf_lightning.guards` (non-finite values,
             log-prob drift, negative KL, explained variance, response length) that the Trainer
             does not already have.
@@ -161,7 +165,7 @@ class PPOModule(LightningModule):
         policy_export_dir: str | None = "outputs/ppo/policy",
         critic_export_dir: str | None = "outputs/ppo/critic",
         overwrite_export: bool = False,
-        gold_annotator: bool = False,
+        judge: JudgeFn | None = None,
         num_text_samples: int = 4,
         health_guards: bool = True,
         seed: int = 0,
@@ -169,10 +173,11 @@ class PPOModule(LightningModule):
         super().__init__()
         if kl.estimator not in pm.KL_ESTIMATORS:
             raise ValueError(f"kl.estimator must be one of {pm.KL_ESTIMATORS}, got {kl.estimator!r}")
-        self.save_hyperparameters(ignore=["reward_fn", "generation", "ppo", "kl", "scores"])
+        self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores"])
         self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores))
         self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
         self.reward_fn = reward_fn
+        self.judge = judge
         self.automatic_optimization = False
         self.kl_controller: pm.KLController = (
             pm.AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.target is not None else pm.FixedKLController(kl.coef)
@@ -214,8 +219,10 @@ class PPOModule(LightningModule):
         self.policy.train()
         self.critic.train()
         for name in ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
-                     "gold_win_rate", "fluency", "ref_fluency"):
+                     "gold_win_rate", "validity", "ref_validity"):
             self.eval_metrics[name] = MeanMetric()
+        for name in ("reward_gold_spearman", "ref_reward_gold_spearman"):
+            self.eval_metrics[name] = SpearmanCorrCoef()
 
     @staticmethod
     def _frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -456,8 +463,9 @@ class PPOModule(LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Sample from policy and reference on held-out prompts (fixed seed per batch) and
-        compare: reward score, KL to the reference, and with ``gold_annotator`` the gold score,
-        fluency and the gold win rate of the policy over the reference."""
+        compare: reward score, KL to the reference, and with a ``judge`` the gold score, validity,
+        the reward's Spearman correlation with the judge and the policy's win rate over the
+        reference."""
         loop = self.rollout_loop()
         seed = self.hparams.seed * 100_003 + batch_idx
         policy = sample_responses(loop, self.policy, batch["prompt_ids"], batch["prompt_mask"], seed)
@@ -470,11 +478,14 @@ class PPOModule(LightningModule):
         m["kl"].update(sequence_kl(self.policy, self.reference, policy, self.generation.temperature))
         m["response_length"].update(policy.response_mask.sum(1).float())
         m["eos_rate"].update(pm.has_eos(policy.response_ids, self.tokenizer.eos_token_id).float())
-        if self.hparams.gold_annotator:
-            judged = gold_judgements(prompts, policy.completions, reference.completions)
+        if self.judge is not None:
+            judged = judge_pairs(self.judge, prompts, policy.completions, reference.completions)
             for metric, key in (("gold_score", "gold"), ("ref_gold_score", "baseline_gold"), ("gold_win_rate", "win"),
-                                ("fluency", "fluency"), ("ref_fluency", "baseline_fluency")):
-                m[metric].update(torch.tensor(judged[key]))
+                                ("validity", "validity"), ("ref_validity", "baseline_validity")):
+                if key in judged:
+                    m[metric].update(scores.new_tensor(judged[key]))
+            m["reward_gold_spearman"].update(scores, scores.new_tensor(judged["gold"]))
+            m["ref_reward_gold_spearman"].update(ref_scores, ref_scores.new_tensor(judged["baseline_gold"]))
         if batch_idx == 0:
             rows = [
                 {"prompt": p, "response": c, "score": float(s), "reference": rc, "ref_score": float(rs)}

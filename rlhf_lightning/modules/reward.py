@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -56,8 +56,8 @@ class RewardModule(HFModelModule):
     per-pair ``margin`` of the data (0 when the records have none) and an optional centering
     term.
 
-    At the end of fit, with ``normalize``, the mean raw reward of SFT demonstrations (the
-    built-in task's SFT val split, or ``normalize_file``) is stored as ``reward_offset`` in the
+    At the end of fit, with ``normalize``, the mean raw reward of SFT demonstrations (the data
+    module's task's SFT val split, or ``normalize_file``) is stored as ``reward_offset`` in the
     model config, so that :func:`~rlhf_lightning.reward_scoring.score_sequences` gives SFT-like
     text a mean reward of 0. The model and tokenizer (right padding, pad token distinct from
     EOS) are then written to ``export_dir``: a folder that plain
@@ -84,6 +84,11 @@ class RewardModule(HFModelModule):
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
             fit refuses to start).
+        judge: a gold judge ``(prompts, completions) -> scores`` (in YAML: its import path, e.g.
+            ``rlhf_lightning.tasks.sentiment.judge``): validation then also reports the reward
+            model's agreement with the judge's verdict on each pair (``val/gold_accuracy``, judge
+            ties skipped) and the Spearman correlation of rewards and judge scores over every
+            validation completion (``val/gold_spearman``).
         normalize: store the mean reward of SFT demonstrations as ``reward_offset``.
         normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on
             (read, and checked, before training starts); None uses the built-in task's SFT val
@@ -112,18 +117,19 @@ class RewardModule(HFModelModule):
         normalize_file: str | None = None,
         normalize_max_length: int | None = None,
         score_batch_size: int = 64,
+        judge: Callable[[list[str], list[str]], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if likelihood_distillation_coef < 0:
             raise ValueError(f"likelihood_distillation_coef must be >= 0, got {likelihood_distillation_coef}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["judge"])
+        self.judge = judge
         self.model: PreTrainedModel | None = None
         self.likelihood_head: torch.nn.Linear | None = None
         # Frozen, in a list so that it stays out of the state dict, the optimiser and .to().
         self._reference: list[PreTrainedModel] = []
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
-        self._gold_seen = False
         self._normalization_records: list[Record] | None = None
         self.train_accuracy = MeanMetric()
         self.val_loss = MeanMetric()
@@ -201,51 +207,42 @@ class RewardModule(HFModelModule):
         self.val_reward_chosen.update(chosen)
         self.val_reward_rejected.update(rejected)
         self.val_margin.update(chosen - rejected)
-        if "gold_label" in batch:
+        if self.judge is not None:
             self._update_gold_metrics(batch, torch.cat([chosen, rejected]))
 
     def _update_gold_metrics(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> None:
-        """Agreement with the gold annotator's verdict (gold ties skipped), and Spearman between
-        the rewards and ``gold_score`` of every validation completion found in the datamodule."""
-        n_pairs = rewards.shape[0] // 2
-        gold = batch["gold_label"].to(rewards)
-        decided = gold != 0.5
-        if decided.any():
-            predicted = pair_accuracy(rewards[:n_pairs], rewards[n_pairs:])
-            self.val_gold_accuracy.update(1.0 - (predicted - gold)[decided].abs())
-            self._gold_seen = True
+        """Agreement with the judge's verdict on each pair (judge ties skipped), and Spearman
+        between the rewards and the judge's scores of the batch's completions."""
         table = self._gold_score_table()
-        if not table:
-            return
-        found, scores = [], []
-        for row, (ids, mask) in enumerate(zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())):
-            key = tuple(token for token, real in zip(ids, mask) if real)
-            if key in table:
-                found.append(row)
-                scores.append(table[key])
-        if found:
-            self.val_gold_spearman.update(rewards[found], torch.tensor(scores, dtype=rewards.dtype, device=rewards.device))
+        rows = [tuple(t for t, real in zip(ids, mask) if real)
+                for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
+        gold = [table.get(key) for key in rows]
+        found = [i for i, g in enumerate(gold) if g is not None]
+        if len(found) > 1:
+            scores = torch.tensor([gold[i] for i in found], dtype=rewards.dtype, device=rewards.device)
+            self.val_gold_spearman.update(rewards[found], scores)
+        n_pairs = len(rows) // 2
+        decided = [i for i in range(n_pairs) if None not in (gold[i], gold[n_pairs + i]) and gold[i] != gold[n_pairs + i]]
+        if decided:
+            verdict = torch.tensor([float(gold[i] > gold[n_pairs + i]) for i in decided], device=rewards.device)
+            predicted = pair_accuracy(rewards[decided], rewards[[n_pairs + i for i in decided]])
+            self.val_gold_accuracy.update(1.0 - (predicted - verdict).abs())
 
     def _gold_score_table(self) -> dict[tuple[int, ...], float]:
-        """Gold score of each encoded validation sequence, keyed by its token ids.
+        """The judge's score of each encoded validation sequence, keyed by its token ids.
 
         Built once from ``trainer.datamodule.val_records`` / ``val_dataset``; keying by ids makes
         it independent of batch order, shuffling and distributed sampling.
         """
         if self._gold_scores is None:
-            from ..tasks import gold_score
-
             datamodule = getattr(self.trainer, "datamodule", None)
             records = getattr(datamodule, "val_records", None) or []
-            dataset = getattr(datamodule, "val_dataset", None) or []
+            dataset = [e for e in getattr(datamodule, "val_dataset", None) or [] if e.get("index", len(records)) < len(records)]
             table: dict[tuple[int, ...], float] = {}
-            for example in dataset:
-                index = example.get("index")
-                if index is None or index >= len(records):
-                    continue
-                record = records[index]
-                for side in ("chosen", "rejected"):
-                    table[tuple(example[side])] = gold_score(record["prompt"], record[side])
+            for side in ("chosen", "rejected"):
+                prompts = [records[e["index"]]["prompt"] for e in dataset]
+                scores = self.judge(prompts, [records[e["index"]][side] for e in dataset]) if dataset else []
+                table.update({tuple(e[side]): float(score) for e, score in zip(dataset, scores)})
             self._gold_scores = table
         return self._gold_scores
 
@@ -255,7 +252,7 @@ class RewardModule(HFModelModule):
         self.log("val/reward_chosen", self.val_reward_chosen.compute())
         self.log("val/reward_rejected", self.val_reward_rejected.compute())
         self.log("val/margin", self.val_margin.compute())
-        if self._gold_seen:
+        if self.val_gold_accuracy.update_called:
             self.log("val/gold_accuracy", self.val_gold_accuracy.compute())
         if len(self.val_gold_spearman.preds) and sum(p.numel() for p in self.val_gold_spearman.preds) > 1:
             self.log("val/gold_spearman", self.val_gold_spearman.compute())
@@ -264,7 +261,6 @@ class RewardModule(HFModelModule):
             self.val_margin, self.val_gold_accuracy, self.val_gold_spearman,
         ):
             metric.reset()
-        self._gold_seen = False
 
     # --- normalisation and export -------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -273,17 +269,18 @@ class RewardModule(HFModelModule):
             self._normalization_records = read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
 
     def normalization_records(self) -> list[Record] | None:
-        """SFT demonstrations whose mean reward becomes 0: ``normalize_file``, else the built-in
-        task's SFT val split when training on the built-in task (seeded like the datamodule);
+        """SFT demonstrations whose mean reward becomes 0: ``normalize_file``, else the data
+        module's task's SFT val split when it trains on that task (seeded like the datamodule);
         None for user preference files without a ``normalize_file``."""
         if self.hparams.normalize_file:
             return self._normalization_records or read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_file", None) is not None:
             return None
-        from ..tasks import DEFAULT_SIZES, SentimentTask
+        from ..tasks import DEFAULT_SIZES, get_task
 
-        return SentimentTask(seed=getattr(datamodule, "seed", 0)).sft_records(DEFAULT_SIZES["sft_val"], split="val")
+        task = get_task(getattr(datamodule, "task", "sentiment"), getattr(datamodule, "seed", 0))
+        return task.sft_records(DEFAULT_SIZES["sft_val"], split="val")
 
     def compute_reward_offset(self, records: list[Record]) -> float:
         """Mean raw reward of prompt+completion+EOS sequences (encoded as preference pairs are)."""

@@ -1,39 +1,78 @@
-"""Built-in tasks: deterministic toy worlds with a programmatic gold annotator."""
+"""Built-in tasks: deterministic toy worlds, each with a gold judge and a noisy rater.
 
-from rlhf_lightning.tasks.sentiment import (
+Generic code finds a task by name or import path through :func:`get_task`; it never imports a
+particular task module. Each task module also exposes its judge as ``judge`` (for YAML, e.g.
+``judge: rlhf_lightning.tasks.sentiment.judge``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from rlhf_lightning.tasks.base import (
     DEFAULT_NOISE_TEMPERATURE,
     DEFAULT_SIZES,
-    PROMPTS,
-    SENTIMENTS,
-    SentimentTask,
-    degenerate_completion,
-    fluency_rate,
-    gold_rewards,
-    gold_score,
-    gold_win_rate,
-    is_fluent,
+    BuiltinTask,
+    Judge,
+    Task,
+    TaskJudge,
+    bradley_terry_probability,
+    compare,
+    judge_validity,
     label_agreement,
-    preference_probability,
-    sample_completion,
-    sentiment_label,
-    write_task_files,
+    win_rate,
 )
+from rlhf_lightning.tasks.sentiment import SentimentTask, gold_rewards
+
+#: name -> "module:class" of the built-in tasks (imported only when asked for).
+BUILTIN_TASKS: dict[str, str] = {
+    "sentiment": "rlhf_lightning.tasks.sentiment:SentimentTask",
+    "menu": "rlhf_lightning.tasks.menu:MenuTask",
+    "lists": "rlhf_lightning.tasks.lists:ListsTask",
+    "describe": "rlhf_lightning.tasks.describe:DescribeTask",
+}
+
+
+def import_object(path: str) -> Any:
+    """The object at ``module.attribute`` (or ``module:attribute``)."""
+    module, _, attribute = path.replace(":", ".").rpartition(".")
+    if not module:
+        raise ValueError(f"{path!r} is not an import path (module.attribute)")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def get_task(spec: str | Task, seed: int = 0) -> Task:
+    """A task from a built-in name (``sentiment``, ...), an import path of a task class (called
+    with ``seed=``) or of a task object, or a task object itself."""
+    if not isinstance(spec, str):
+        return spec
+    if spec in BUILTIN_TASKS:
+        return import_object(BUILTIN_TASKS[spec])(seed=seed)
+    if "." not in spec:
+        raise ValueError(f"unknown task {spec!r}: give one of {sorted(BUILTIN_TASKS)} or an import path")
+    try:
+        found = import_object(spec)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"task {spec!r} cannot be imported: {err}") from err
+    return found(seed=seed) if isinstance(found, type) else found
+
 
 __all__ = [
+    "BUILTIN_TASKS",
     "DEFAULT_NOISE_TEMPERATURE",
     "DEFAULT_SIZES",
-    "PROMPTS",
-    "SENTIMENTS",
+    "BuiltinTask",
+    "Judge",
     "SentimentTask",
-    "degenerate_completion",
-    "fluency_rate",
+    "Task",
+    "TaskJudge",
+    "bradley_terry_probability",
+    "compare",
+    "get_task",
+    "import_object",
     "gold_rewards",
-    "gold_score",
-    "gold_win_rate",
-    "is_fluent",
+    "judge_validity",
     "label_agreement",
-    "preference_probability",
-    "sample_completion",
-    "sentiment_label",
-    "write_task_files",
+    "win_rate",
 ]

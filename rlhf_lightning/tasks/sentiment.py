@@ -27,14 +27,11 @@ Standard library only; everything is deterministic given a seed.
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
-from ..data.records import write_jsonl
+from .base import BuiltinTask, TaskJudge
 
 PROMPTS: tuple[str, ...] = (
     "Review: The movie was",
@@ -72,18 +69,11 @@ SENTIMENTS = ("positive", "neutral", "negative", "mixed")
 MIN_COMPLETION_CHARS = 20  # shorter fluent text counts as "very short" for the annotator
 MAX_COMPLETION_CHARS = 80
 MAX_TEXT_BYTES = 120  # prompt + completion is always strictly shorter, in UTF-8 bytes
-#: Bradley-Terry temperature giving ~82-83% agreement between gold and its own noisy labels.
-DEFAULT_NOISE_TEMPERATURE = 0.4
 DEGENERATE_KINDS = ("repeat_word", "repeat_sentence", "truncated", "empty", "shuffled", "typo", "run_on", "word_slip")
 #: How often each kind is drawn: the slips a tiny policy actually makes (misspellings with a
 #: byte-level vocabulary; stray, doubled or swapped words with a word-level one; run-on text
 #: with both) are what the preference data shows raters judging most often.
 DEGENERATE_WEIGHTS = (1, 1, 1, 1, 1, 2, 2, 3)
-DEFAULT_SIZES: dict[str, int] = {
-    "sft_train": 4000, "sft_val": 200,
-    "prefs_train": 8000, "prefs_val": 2000,
-    "prompts_train": 2000, "prompts_val": 200,
-}
 
 
 def _alt(words: Sequence[str]) -> str:
@@ -263,119 +253,36 @@ def degenerate_completion(rng: random.Random, kind: str | None = None) -> str:
             return text
 
 
-def preference_probability(prompt: str, a: str, b: str, noise_temperature: float) -> float:
-    """Bradley-Terry probability that a rater prefers ``a`` over ``b``."""
-    z = (gold_score(prompt, a) - gold_score(prompt, b)) / noise_temperature
-    if z >= 0:  # the two branches keep exp() from overflowing at small temperatures
-        return 1.0 / (1.0 + math.exp(-z))
-    return math.exp(z) / (1.0 + math.exp(z))
-
-
-def _compare(prompt: str, a: str, b: str) -> float:
-    """1 if gold prefers ``a``, 0 if ``b``, 0.5 on a tie."""
-    sa, sb = gold_score(prompt, a), gold_score(prompt, b)
-    return 1.0 if sa > sb else 0.0 if sa < sb else 0.5
-
-
-def label_agreement(records: Sequence[dict]) -> float:
-    """Share of preference records whose "chosen" gold-scores above "rejected" (ties count 0.5).
-
-    On noisy labels this is the accuracy ceiling a reward model can reach against those labels.
-    """
-    if not records:
-        raise ValueError("label_agreement needs at least one record")
-    return sum(_compare(r["prompt"], r["chosen"], r["rejected"]) for r in records) / len(records)
-
-
 def gold_rewards(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """The gold annotator as a PPO reward function: ``gold_score`` of each (prompt, completion)."""
     return [gold_score(p, c) for p, c in zip(prompts, completions)]
 
 
-def gold_win_rate(prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str]) -> float:
-    """Share of prompts where gold prefers ``completions_a[i]`` over ``completions_b[i]`` (ties 0.5)."""
-    if not (len(prompts) == len(completions_a) == len(completions_b)) or not prompts:
-        raise ValueError("gold_win_rate needs equally long, non-empty sequences")
-    return sum(map(_compare, prompts, completions_a, completions_b)) / len(prompts)
-
-
-def fluency_rate(completions: Sequence[str]) -> float:
-    """Share of completions that parse under the grammar (see :func:`is_fluent`)."""
-    if not completions:
-        raise ValueError("fluency_rate needs at least one completion")
-    return sum(map(is_fluent, completions)) / len(completions)
-
-class SentimentTask:
+class SentimentTask(BuiltinTask):
     """Deterministic data for SFT, reward modelling and PPO on the sentiment world.
 
-    Each (record kind, split) pair draws from its own ``random.Random`` seeded from
-    ``seed``, the kind and the split, so "val" data differs from "train" data and adding
-    records of one kind never changes another kind's records. Prompts are the same ten
-    openers in every split; held-out prompt files differ in their draws, not their openers.
+    Demonstrations are drawn uniformly over the four sentiment classes; a preference candidate
+    is non-fluent with probability ``degenerate_share``. Prompts are the same ten openers in
+    every split; held-out prompt files differ in their draws, not their openers.
     """
 
-    def __init__(self, seed: int = 0, noise_temperature: float = DEFAULT_NOISE_TEMPERATURE, degenerate_share: float = 0.2) -> None:
-        if noise_temperature <= 0:
-            raise ValueError(f"noise_temperature must be > 0, got {noise_temperature}")
-        if not 0.0 <= degenerate_share <= 1.0:
-            raise ValueError(f"degenerate_share must be in [0, 1], got {degenerate_share}")
-        self.seed = seed
-        self.noise_temperature = noise_temperature
-        self.degenerate_share = degenerate_share
+    name = "sentiment"
 
-    def _rng(self, kind: str, split: str) -> random.Random:
-        # String seeds are hashed with SHA-512 by `random`, stable across runs and platforms.
-        return random.Random(f"rlhf-lightning/sentiment/{self.seed}/{kind}/{split}")
+    def draw_prompt(self, rng: random.Random) -> str:
+        return rng.choice(PROMPTS)
 
-    def sft_records(self, n: int, split: str = "train") -> list[dict]:
-        """``n`` records ``{"prompt", "completion"}`` with sentiment classes drawn uniformly."""
-        rng = self._rng("sft", split)
-        return [{"prompt": rng.choice(PROMPTS), "completion": sample_completion(rng)} for _ in range(n)]
+    def good_completion(self, rng: random.Random, prompt: str) -> str:
+        return sample_completion(rng)
 
-    def preference_records(self, n: int, split: str = "train") -> list[dict]:
-        """``n`` records ``{"prompt", "chosen", "rejected"}`` with Bradley-Terry label noise.
+    def degenerate_completion(self, rng: random.Random, prompt: str) -> str:
+        return degenerate_completion(rng)
 
-        Each candidate is degenerate with probability ``degenerate_share``, else a grammar
-        completion as in SFT; the two candidates of a record always differ.
-        """
-        rng = self._rng("prefs", split)
+    def gold_score(self, prompt: str, completion: str) -> float:
+        return gold_score(prompt, completion)
 
-        def candidate() -> str:
-            return degenerate_completion(rng) if rng.random() < self.degenerate_share else sample_completion(rng)
-
-        records = []
-        for _ in range(n):
-            prompt, a = rng.choice(PROMPTS), candidate()
-            b = candidate()
-            while b == a:
-                b = candidate()
-            if rng.random() >= preference_probability(prompt, a, b, self.noise_temperature):
-                a, b = b, a
-            records.append({"prompt": prompt, "chosen": a, "rejected": b})
-        return records
-
-    def prompt_records(self, n: int, split: str = "train") -> list[dict]:
-        """``n`` records ``{"prompt"}`` for PPO rollouts and evaluation."""
-        rng = self._rng("prompts", split)
-        return [{"prompt": rng.choice(PROMPTS)} for _ in range(n)]
-
-    def write_files(self, out_dir: str | os.PathLike[str], sizes: dict[str, int] | None = None) -> dict[str, Path]:
-        """Write the six JSONL files of :data:`DEFAULT_SIZES` (overridable per key) atomically.
-
-        Returns ``{"sft_train": Path(out_dir, "sft_train.jsonl"), ...}``.
-        """
-        unknown = set(sizes or {}) - set(DEFAULT_SIZES)
-        if unknown:
-            raise ValueError(f"unknown size keys {sorted(unknown)}; expected some of {sorted(DEFAULT_SIZES)}")
-        sizes = {**DEFAULT_SIZES, **(sizes or {})}
-        makers = {"sft": self.sft_records, "prefs": self.preference_records, "prompts": self.prompt_records}
-        paths = {}
-        for name, n in sizes.items():
-            kind, split = name.split("_")
-            paths[name] = write_jsonl(Path(out_dir) / f"{name}.jsonl", makers[kind](n, split))
-        return paths
+    def is_valid(self, prompt: str, completion: str) -> bool:
+        return is_fluent(completion)
 
 
-def write_task_files(out_dir: str | os.PathLike[str], seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
-    """Shortcut for ``SentimentTask(seed).write_files(out_dir, sizes)``."""
-    return SentimentTask(seed).write_files(out_dir, sizes)
+#: The sentiment task's gold judge, for YAML: ``judge: rlhf_lightning.tasks.sentiment.judge``.
+judge = TaskJudge(SentimentTask())
