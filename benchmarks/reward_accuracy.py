@@ -33,7 +33,13 @@ from rlhf_lightning.evaluation import rank_correlation
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer
 from rlhf_lightning.modules.reward import pair_accuracy
 from rlhf_lightning.reward_scoring import score_sequences
-from rlhf_lightning.tasks import DEFAULT_SIZES, SentimentTask, gold_score, is_fluent, label_agreement
+from rlhf_lightning.tasks import DEFAULT_SIZES, SentimentTask
+from rlhf_lightning.tasks import label_agreement as judged_agreement
+from rlhf_lightning.tasks.sentiment import gold_score, is_fluent, judge
+
+
+def label_agreement(records: list[dict]) -> float:
+    return judged_agreement(records, judge)
 
 
 def pair_kind(record: dict) -> str:

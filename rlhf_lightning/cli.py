@@ -7,6 +7,8 @@
 * ``rlhf-lightning pipeline --config configs/demo/pipeline.yaml``: SFT -> reward -> PPO and a report.
 * ``rlhf-lightning task --name NAME --out DIR``: write a built-in task's JSONL files (to see the
   formats, or to train on them as files).
+* ``rlhf-lightning best-of-n --policy DIR --prompts FILE --n 16 ...``: rejection sampling
+  (:mod:`rlhf_lightning.best_of_n`).
 * ``rlhf-lightning tokenizer --output_dir DIR``: train a BPE tokenizer on demonstrations
   (:mod:`rlhf_lightning.tokenizer_training`), for a model trained from a preset.
 * ``rlhf-lightning label ...`` / ``label export ...``: collect preferences in the browser
@@ -77,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tokenizer_training import tokenizer_command
 
             return tokenizer_command(args[1:])
+        if args[:1] == ["best-of-n"]:
+            from .best_of_n import best_of_n_command
+
+            return best_of_n_command(args[1:])
         if args[:1] == ["pipeline"]:
             from .pipeline import pipeline_command
 

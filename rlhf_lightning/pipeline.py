@@ -81,11 +81,18 @@ def prepare_tokenizer(config: PipelineConfig) -> bool:
     return True
 
 
+def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
+    """The stages to run: all three, or SFT and PPO when the PPO config scores with its own
+    ``reward_fn`` (a rule, or a judge as an oracle reward) and needs no reward model."""
+    return ("sft", "ppo") if _init_args(config.ppo).get("reward_fn") else STAGES
+
+
 def stage_outputs(config: PipelineConfig) -> dict[str, str]:
     """The export folders the stage configs write (what later stages read)."""
     outputs = {}
-    for stage, path, key in (("sft", config.sft, "export_dir"), ("reward", config.reward, "export_dir"),
-                             ("ppo", config.ppo, "policy_export_dir")):
+    stages = {"sft": (config.sft, "export_dir"), "reward": (config.reward, "export_dir"), "ppo": (config.ppo, "policy_export_dir")}
+    for stage in pipeline_stages(config):
+        path, key = stages[stage]
         outputs[stage] = _init_args(path).get(key)
         if not outputs[stage]:
             raise UserInputError(f"{path}: model.init_args.{key} must name the stage's output folder")
@@ -112,12 +119,12 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
     return {
         "sft": ["fit", "--config", config.sft, OVERWRITE],
         "reward": ["fit", "--config", config.reward, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}",
-                   *judge(reward_args), *normalize],
+                   *judge(reward_args), *normalize] if "reward" in outputs else [],
         "ppo": [
             "fit", "--config", config.ppo, OVERWRITE,
             f"--model.init_args.policy={outputs['sft']}",
             # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
-            *([] if ppo_args.get("reward_fn") else [f"--model.init_args.reward_model={outputs['reward']}"]),
+            *([f"--model.init_args.reward_model={outputs['reward']}"] if "reward" in outputs else []),
             *judge(ppo_args),
         ],
     }
@@ -137,7 +144,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     # once a stage runs, every later stage runs too: its inputs changed
     rerun = prepare_tokenizer(config)
-    for stage in STAGES:
+    for stage in pipeline_stages(config):
         rerun = rerun or stage in config.redo or not is_complete_hf_folder(outputs[stage])
         if not rerun:
             print(f"[pipeline] {stage}: {outputs[stage]} is complete, skipping (redo with --redo '[{stage}]')")
@@ -197,13 +204,13 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
         raise UserInputError(f"{config.ppo}: no validation prompts for the final comparison; hint: set eval_prompts")
     generation = GenerationSettings(**(_init_args(config.ppo).get("generation") or {}))
     comparison, rows = compare_policies(
-        outputs["ppo"], outputs["sft"], prompts, reward_model_dir=outputs["reward"],
+        outputs["ppo"], outputs["sft"], prompts, reward_model_dir=outputs.get("reward"),
         generation=generation, judge=judge, seed=config.seed,
     )
     scalars = read_scalars(Path(config.run_dir))
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
     reward = {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/")}
-    held_out = validation_records(config.reward) if judge is not None else []
+    held_out = validation_records(config.reward) if judge is not None and "reward" in outputs else []
     if held_out:
         # The accuracy a perfect reward model (one that ranks like the judge) would reach on
         # the noisy held-out labels.

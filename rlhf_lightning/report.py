@@ -20,6 +20,7 @@ PLOTS = {
     "sft_loss.png": ("SFT: loss", ["train/loss", "val/loss"]),
     "reward_accuracy.png": ("Reward model: accuracy", ["train/accuracy", "val/accuracy", "val/gold_accuracy"]),
 }
+OVEROPTIMISATION = "ppo_gold_vs_kl.png"
 PLOT_STAGE = {"ppo_scores.png": "ppo", "ppo_kl.png": "ppo", "ppo_quality.png": "ppo", "sft_loss.png": "sft",
               "reward_accuracy.png": "reward"}
 
@@ -39,7 +40,13 @@ def read_scalars(run_dir: Path) -> Scalars:
     return scalars
 
 
-def plot(path: Path, title: str, series: dict[str, list[tuple[int, float]]]) -> bool:
+def against(scalars: dict[str, list[tuple[int, float]]], x_tag: str, y_tag: str) -> list[tuple[float, float]]:
+    """``(x, y)`` points of two tags logged at the same steps, in step order."""
+    xs = dict(scalars.get(x_tag, []))
+    return [(xs[step], y) for step, y in scalars.get(y_tag, []) if step in xs]
+
+
+def plot(path: Path, title: str, series: dict[str, list[tuple[float, float]]], xlabel: str = "step") -> bool:
     try:
         import matplotlib
 
@@ -52,7 +59,7 @@ def plot(path: Path, title: str, series: dict[str, list[tuple[int, float]]]) -> 
         axis.plot([s for s, _ in values], [v for _, v in values], marker="o" if len(values) < 15 else None,
                   markersize=3, label=tag)
     axis.set_title(title)
-    axis.set_xlabel("step")
+    axis.set_xlabel(xlabel)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -70,6 +77,14 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
         series = {tag: stage[tag] for tag in tags if tag in stage}
         if series and plot(run_dir / name, title, series):
             images.append((title, name))
+    # Gao et al. (2022)'s over-optimisation curve: gold and proxy score against KL to SFT, at
+    # each validation. A gold curve that bends down while the proxy climbs is over-optimisation.
+    ppo = scalars.get("ppo", {})
+    curve = {f"{tag} vs eval/kl": against(ppo, "eval/kl", tag) for tag in ("eval/gold_score", "eval/score")}
+    curve = {label: points for label, points in curve.items() if points}
+    title = "PPO: score against KL to SFT (over-optimisation)"
+    if "eval/gold_score vs eval/kl" in curve and plot(run_dir / OVEROPTIMISATION, title, curve, xlabel="KL(policy || SFT), nats"):
+        images.append((title, OVEROPTIMISATION))
     c = summary["comparison"]
 
     def fmt(value: Any) -> str:

@@ -14,6 +14,15 @@ from rlhf_lightning.models import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def judge_by_distinct_words(prompts: list[str], completions: list[str]) -> list[float]:
+    """A user's own judge (by import path ``tests.test_pipeline.judge_by_distinct_words``)."""
+    return [float(len(set(c.split()))) for c in completions]
+
+
+judge_by_distinct_words.is_valid = lambda prompts, completions: [c.rstrip().endswith(".") for c in completions]
+USER_JUDGE = "tests.test_pipeline.judge_by_distinct_words"
+
+
 def tiny_stage_configs(run: Path) -> Path:
     """The demo's stage configs, shrunk to seconds and pointed into ``run``."""
     configs = {name: yaml.safe_load((ROOT / f"configs/demo/{name}.yaml").read_text()) for name in ("sft", "reward", "ppo")}
@@ -36,9 +45,11 @@ def tiny_stage_configs(run: Path) -> Path:
     ppo["model"]["init_args"]["ppo"].update(epochs=1, num_minibatches=2)
     ppo["data"]["init_args"].update(batch_size=8, val_batch_size=8)
     for name, config in configs.items():
+        config["model"]["init_args"].pop("judge", None)  # the pipeline's judge reaches every stage
         (run / f"{name}.yaml").write_text(yaml.safe_dump(config))
     pipeline = {"run_dir": str(run), "sft": str(run / "sft.yaml"), "reward": str(run / "reward.yaml"),
-                "ppo": str(run / "ppo.yaml"), "eval_prompts": str(write_prompts(run / "eval.jsonl"))}
+                "ppo": str(run / "ppo.yaml"), "eval_prompts": str(write_prompts(run / "eval.jsonl")),
+                "judge": USER_JUDGE}
     path = run / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline))
     return path
@@ -60,13 +71,21 @@ def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
         assert main(["pipeline", "--config", str(tiny_stage_configs(run))]) == 0
     summary = json.loads((first / "summary.json").read_text())
     assert 0.0 <= summary["gold_win_rate"] <= 1.0
+    # The user's judge scored the final comparison, the noise ceiling, the reward stage's
+    # validation and PPO's validation.
+    for row in summary["samples"]:
+        assert row["gold"] == judge_by_distinct_words([], [row["response"]])[0]
+        assert row["validity"] == float(row["response"].rstrip().endswith("."))
+    assert 0.0 <= summary["reward"]["label_ceiling"] <= 1.0
+    assert "val/gold_spearman" in summary["reward"]
+    assert {"eval/gold_score", "eval/validity", "eval/reward_gold_spearman"} <= set(summary["ppo"])
     assert summary["comparison"]["num_prompts"] == 16
     for key in ("reward_gold_spearman", "baseline_reward_gold_spearman"):  # None only if samples tie
         assert summary["comparison"][key] is None or -1.0 <= summary["comparison"][key] <= 1.0
     assert summary["sft"]["val/loss"] is not None and "val/accuracy" in summary["reward"]
     report = (first / "report.md").read_text()
     assert "gold win rate" in report and "## Samples" in report and "Spearman(reward model, gold)" in report
-    for plot in ("ppo_scores.png", "ppo_kl.png", "sft_loss.png"):
+    for plot in ("ppo_scores.png", "ppo_kl.png", "sft_loss.png", "ppo_gold_vs_kl.png"):
         assert (first / plot).stat().st_size > 1000, plot
     # The SFT config names a tokenizer folder that did not exist: the pipeline trained it, and
     # every stage's export carries it.
@@ -88,6 +107,52 @@ def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
     assert printed.count("is complete, skipping") == 3
     assert "tokenizer: " + str(first / "tokenizer") + " exists, skipping" in printed
     assert json.loads((first / "summary.json").read_text())["comparison"] == summary["comparison"]
+
+
+def test_overoptimisation_curve_pairs_tags_logged_at_the_same_step():
+    from rlhf_lightning.report import against
+
+    scalars = {"eval/kl": [(10, 0.5), (20, 1.5), (30, 3.0)], "eval/gold_score": [(10, 0.1), (30, -0.2), (40, 9.0)]}
+    assert against(scalars, "eval/kl", "eval/gold_score") == [(0.5, 0.1), (3.0, -0.2)]
+    assert against(scalars, "eval/kl", "eval/missing") == []
+
+
+def test_pipeline_without_a_reward_stage_when_ppo_has_a_reward_fn(tmp_path: Path):
+    from rlhf_lightning.pipeline import PipelineConfig, pipeline_stages, stage_commands, stage_outputs
+
+    config = PipelineConfig(**yaml.safe_load(tiny_stage_configs(tmp_path).read_text()))
+    assert pipeline_stages(config) == ("sft", "reward", "ppo")
+    ppo = yaml.safe_load(Path(config.ppo).read_text())
+    ppo["model"]["init_args"]["reward_fn"] = "rlhf_lightning.tasks.lists.judge"  # an oracle reward
+    Path(config.ppo).write_text(yaml.safe_dump(ppo))
+    assert pipeline_stages(config) == ("sft", "ppo")
+    outputs = stage_outputs(config)
+    assert set(outputs) == {"sft", "ppo"}
+    commands = stage_commands(config, outputs)
+    assert not any("reward_model" in arg for arg in commands["ppo"])
+    assert f"--model.init_args.judge={USER_JUDGE}" in commands["ppo"]
+
+
+def test_pipeline_passes_the_users_sft_data_to_reward_normalisation(tmp_path: Path):
+    from rlhf_lightning.pipeline import PipelineConfig, stage_commands, stage_outputs
+
+    config = PipelineConfig(**yaml.safe_load(tiny_stage_configs(tmp_path).read_text()))
+    assert not any("normalize_file" in a for a in stage_commands(config, stage_outputs(config))["reward"])
+    sft = yaml.safe_load(Path(config.sft).read_text())
+    sft["data"]["init_args"].update(train_file="mine/sft.jsonl", val_file="mine/sft_val.jsonl")
+    Path(config.sft).write_text(yaml.safe_dump(sft))
+    assert "--model.init_args.normalize_file=mine/sft_val.jsonl" in stage_commands(config, stage_outputs(config))["reward"]
+
+
+def test_pipeline_refuses_a_judge_it_cannot_import(tmp_path: Path, capsys):
+    config = yaml.safe_load(tiny_stage_configs(tmp_path).read_text())
+    config["judge"] = "tests.test_pipeline.no_such_judge"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "judge" in err and "no_such_judge" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sft").exists()  # nothing ran
 
 
 def test_pipeline_rejects_unknown_stage_and_key(tmp_path: Path, capsys):
