@@ -107,7 +107,8 @@ OVERWRITE = "--model.init_args.overwrite_export=true"
 def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
     """``fit`` arguments of each stage, wired to the previous stages' exports (and to the
     pipeline's judge, and to the user's SFT data for the reward model's normalisation)."""
-    reward_args, ppo_args = _init_args(config.reward), _init_args(config.ppo)
+    reward_args = _init_args(config.reward) if "reward" in outputs else {}
+    ppo_args = _init_args(config.ppo)
 
     def judge(stage_args: dict[str, Any]) -> list[str]:
         return [f"--model.init_args.judge={config.judge}"] if config.judge and "judge" not in stage_args else []
@@ -209,7 +210,8 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     )
     scalars = read_scalars(Path(config.run_dir))
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
-    reward = {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/")}
+    # (no reward stage: an old reward sub-run left in run_dir is not this run's)
+    reward = {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/") and "reward" in outputs}
     held_out = validation_records(config.reward) if judge is not None and "reward" in outputs else []
     if held_out:
         # The accuracy a perfect reward model (one that ranks like the judge) would reach on

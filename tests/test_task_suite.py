@@ -101,5 +101,9 @@ def test_a_users_task_by_import_path_feeds_every_data_module():
     assert 0.6 < label_agreement(prefs, task.judge()) < 1.0
     with pytest.raises(ValueError, match="unknown task"):
         get_task("poems")
+    from rlhf_lightning.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"data\.init_args\.task: unknown task 'poems'"):
+        SFTDataModule(task="poems", tokenizer="preset:micro-gpt2").load_records()
     with pytest.raises(ValueError, match="cannot be imported"):
         get_task("tests.test_task_suite.NoSuchTask")

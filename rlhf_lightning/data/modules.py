@@ -87,7 +87,10 @@ class _JSONLDataModule(LightningDataModule):
         """The ``task``'s records of this module's kind for ``split`` (its default sizes)."""
         from ..tasks import DEFAULT_SIZES, get_task
 
-        task = get_task(self.task, self.seed)
+        try:
+            task = get_task(self.task, self.seed)
+        except ValueError as err:
+            raise UserInputError(f"data.init_args.task: {err}") from err
         make = {"sft": task.sft_records, "prefs": task.preference_records, "prompts": task.prompt_records}
         return make[self.record_kind](DEFAULT_SIZES[f"{self.record_kind}_{split}"], split)
 

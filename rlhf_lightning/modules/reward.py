@@ -91,9 +91,9 @@ class RewardModule(HFModelModule):
             validation completion (``val/gold_spearman``).
         normalize: store the mean reward of SFT demonstrations as ``reward_offset``.
         normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on
-            (read, and checked, before training starts); None uses the built-in task's SFT val
-            split when training on the built-in task, and leaves the offset at 0.0 (with a
-            warning) for user preference files.
+            (read, and checked, before training starts); None uses the SFT val split of the data
+            module's ``task`` when it trains on that task, and leaves the offset at 0.0 (with a
+            warning) for user preference files (the pipeline passes the SFT config's own data).
         normalize_max_length: token budget of those sequences (None: the datamodule's
             ``max_length``, else 256).
         score_batch_size: rows per forward when scoring without grad (normalisation).

@@ -20,8 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..data.records import write_jsonl
-
 #: Records per split that ``write_files`` and the data modules use when no size is given.
 DEFAULT_SIZES: dict[str, int] = {
     "sft_train": 4000, "sft_val": 200,
@@ -227,6 +225,8 @@ class BuiltinTask:
 
         Returns ``{"sft_train": Path(out_dir, "sft_train.jsonl"), ...}``.
         """
+        from ..data.records import write_jsonl  # here: the records module loads Lightning
+
         unknown = set(sizes or {}) - set(DEFAULT_SIZES)
         if unknown:
             raise ValueError(f"unknown size keys {sorted(unknown)}; expected some of {sorted(DEFAULT_SIZES)}")
