@@ -12,6 +12,7 @@ References:
   [Z19] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences".
   [N]   Huang et al., "The N Implementation Details of RLHF with PPO".
   [KL]  Schulman 2020, "Approximating KL Divergence" (k1 / k2 / k3).
+  [K19] Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!" (leave-one-out).
 """
 
 from __future__ import annotations
@@ -230,6 +231,28 @@ def shape_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: 
     last = last_token_index(mask).unsqueeze(-1)
     rewards = non_score_reward.scatter_add(-1, last, scores.to(kl.dtype).unsqueeze(-1))
     return torch.where(mask, rewards, 0.0), kl, non_score_reward
+
+
+def leave_one_out_scores(scores: Tensor, group_size: int) -> Tensor:
+    """Scores minus the mean of the *other* responses to the same prompt (RLOO's baseline [K19]).
+
+    Args:
+        scores: (b,) with ``b = num_prompts * group_size``; rows ``i*group_size .. (i+1)*group_size-1``
+            answer the same prompt.
+    Returns:
+        (b,) ``s_i - mean_{j != i} s_j`` over each group; ``scores`` itself when ``group_size`` is 1.
+
+    The baseline of a response never depends on that response, so subtracting it leaves the
+    policy gradient unbiased, and it removes what a prompt alone contributes to the score (an
+    easy prompt scores high whatever the answer), which a critic learns only slowly.
+    """
+    if group_size == 1:
+        return scores
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores cannot be split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
 
 
 def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: float | None,

@@ -157,6 +157,12 @@ class RolloutLoop:
         missing_eos_penalty, missing_eos_mode: what happens to the score of a response that
             never emitted EOS (``replace`` it, or ``subtract`` the penalty; None: nothing).
         score_clip: clip scores to ``[-score_clip, score_clip]`` (None: no clipping).
+        group_size: consecutive rows that answer the same prompt (the PPO module repeats each
+            prompt ``ppo.samples_per_prompt`` times).
+        score_baseline: ``none``, or ``leave_one_out``: each score minus the mean score of the
+            other responses in its group before shaping
+            (:func:`~rlhf_lightning.ppo_math.leave_one_out_scores`); ``RolloutBatch.scores``
+            keeps the raw scores.
         forward_batch_size: rows per no-grad forward, to bound memory on large batches.
         all_reduce: sums a tensor over processes (DDP), used to whiten advantages globally.
     """
@@ -173,6 +179,8 @@ class RolloutLoop:
     missing_eos_penalty: float | None = None
     missing_eos_mode: str = "replace"
     score_clip: float | None = None
+    group_size: int = 1
+    score_baseline: str = "none"
     forward_batch_size: int = 16
     all_reduce: Callable[[Tensor], Tensor] | None = None
     synced_gpus: bool = False
@@ -233,8 +241,9 @@ class RolloutLoop:
         if self.score_clip is not None:
             scores = scores.clamp(-self.score_clip, self.score_clip)
 
+        shaped_scores = pm.leave_one_out_scores(scores, self.group_size) if self.score_baseline == "leave_one_out" else scores
         rewards, kl, non_score_reward = pm.shape_rewards(
-            scores, logprobs, ref_logprobs, response_mask, kl_coef, self.kl_estimator
+            shaped_scores, logprobs, ref_logprobs, response_mask, kl_coef, self.kl_estimator
         )
         advantages, returns = self.advantages(rewards, values, response_mask)
         advantages = pm.masked_whiten(advantages, response_mask, all_reduce=self.all_reduce)

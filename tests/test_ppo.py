@@ -19,6 +19,7 @@ from rlhf_lightning.models import (
     save_hf_folder,
 )
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
+from rlhf_lightning.ppo_math import leave_one_out_scores
 from rlhf_lightning.rollout import GenerationSettings, RolloutLoop
 from rlhf_lightning.tasks import gold_rewards
 from rlhf_lightning.tasks.sentiment import judge
@@ -239,3 +240,36 @@ def test_validation_reports_gold_metrics(tmp_path: Path, byte_gpt2_dir: Path, re
         assert -1.0 <= metrics[name].item() <= 1.0, name
     assert metrics["eval/kl"].item() != 0.0  # the policy moved away from the reference
     assert torch.isfinite(metrics["eval/score"]) and torch.isfinite(metrics["eval/ref_gold_score"])
+
+
+def rollout_texts(module: PPOModule, rollout) -> list[str]:
+    return module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+
+
+def test_samples_per_prompt_repeats_each_prompt_in_consecutive_rows(tmp_path: Path, byte_gpt2_dir: Path):
+    seen, rollouts = [], []
+
+    class Recording(PPOModule):
+        def compute_scores(self, responses):
+            seen.append(responses.prompts)
+            return torch.tensor([float(len(c)) for c in responses.completions])
+
+        def ppo_update(self, rollout):
+            rollouts.append(rollout)
+            return super().ppo_update(rollout)
+
+    module = small_ppo(byte_gpt2_dir, tmp_path, cls=Recording, reward_fn=None,
+                       ppo=PPOSettings(epochs=1, num_minibatches=2, samples_per_prompt=3),
+                       scores=ScoreSettings(baseline="leave_one_out"))
+    fit(module, 1)
+    prompts = seen[0]
+    assert len(prompts) == 8 * 3  # the data module's batch of 8 prompts, three samples each
+    assert all(prompts[i] == prompts[i - i % 3] for i in range(len(prompts)))
+    assert module.episode == 24
+    # the shaped rewards carry each score minus the mean of its group's other scores
+    rollout = rollouts[0]
+    shaped_scores = (rollout.rewards - rollout.non_score_reward).sum(dim=1)
+    torch.testing.assert_close(shaped_scores, leave_one_out_scores(rollout.scores, 3))
+    assert rollout.scores.tolist() == [float(len(c)) for c in rollout_texts(module, rollout)]
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 1 .>= 2 with scores.baseline leave_one_out."):
+        small_ppo(byte_gpt2_dir, tmp_path, scores=ScoreSettings(baseline="leave_one_out"))

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_lightning.ppo_math import (
+    leave_one_out_scores,
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
@@ -412,3 +413,16 @@ def test_fixed_kl_controller():
     other = FixedKLController(1.0)
     other.load_state_dict(ctl.state_dict())
     assert other.value == 0.05
+
+
+def test_leave_one_out_scores_hand_values():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 1.0, -1.0])
+    # group 1: 1 - (2+3+4)/3 = -2; 2 - 8/3 = -2/3; 3 - 7/3 = 2/3; 4 - 2 = 2
+    # group 2: 0 - 0 = 0; 0 - 0 = 0; 1 - (-1/3) = 4/3; -1 - 1/3 = -4/3
+    expected = torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0, 0.0, 0.0, 4 / 3, -4 / 3])
+    torch.testing.assert_close(leave_one_out_scores(scores, 4), expected)
+    # groups of 2: each score minus its partner's
+    torch.testing.assert_close(leave_one_out_scores(scores, 2), torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0, 0.0, 2.0, -2.0]))
+    assert leave_one_out_scores(scores, 1) is scores
+    with pytest.raises(ValueError, match="groups of 3"):
+        leave_one_out_scores(scores, 3)

@@ -48,8 +48,10 @@ from .export import check_export_dirs, export_at_fit_end
 @dataclass
 class PPOSettings:
     """The PPO update. ``num_minibatches`` optimiser steps per epoch, each accumulated over
-    ``gradient_accumulation_steps`` micro-batches."""
+    ``gradient_accumulation_steps`` micro-batches. Each prompt of a batch is sampled
+    ``samples_per_prompt`` times (the rollout has ``batch_size * samples_per_prompt`` rows)."""
 
+    samples_per_prompt: int = 1
     epochs: int = 4
     num_minibatches: int = 4
     gradient_accumulation_steps: int = 1
@@ -80,6 +82,7 @@ class ScoreSettings:
     missing_eos_penalty: float | None = None
     missing_eos_mode: str = "replace"
     clip: float | None = None
+    baseline: str = "none"
 
 
 def rng_state() -> dict[str, Any]:
@@ -173,6 +176,11 @@ class PPOModule(LightningModule):
         super().__init__()
         if kl.estimator not in pm.KL_ESTIMATORS:
             raise ValueError(f"kl.estimator must be one of {pm.KL_ESTIMATORS}, got {kl.estimator!r}")
+        if scores.baseline not in ("none", "leave_one_out"):
+            raise ValueError(f"scores.baseline must be 'none' or 'leave_one_out', got {scores.baseline!r}")
+        if ppo.samples_per_prompt < 1 or (scores.baseline == "leave_one_out" and ppo.samples_per_prompt < 2):
+            raise ValueError(f"ppo.samples_per_prompt must be >= 1 (>= 2 with scores.baseline leave_one_out), "
+                             f"got {ppo.samples_per_prompt}")
         self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores"])
         self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores))
         self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
@@ -238,6 +246,7 @@ class PPOModule(LightningModule):
             tokenizer=self.tokenizer, generation=self.generation, kl_estimator=self.kl.estimator,
             gamma=self.ppo.gamma, lam=self.ppo.lam, missing_eos_penalty=self.score_settings.missing_eos_penalty,
             missing_eos_mode=self.score_settings.missing_eos_mode, score_clip=self.score_settings.clip,
+            group_size=self.ppo.samples_per_prompt, score_baseline=self.score_settings.baseline,
             forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce,
         )
 
@@ -261,7 +270,9 @@ class PPOModule(LightningModule):
             if frozen is not None:
                 frozen.eval()
         started = time.perf_counter()
-        rollout = self.rollout_loop().run(batch["prompt_ids"], batch["prompt_mask"], self.kl_controller.value)
+        k = self.ppo.samples_per_prompt  # each prompt k times, in consecutive rows (one group)
+        prompt_ids, prompt_mask = batch["prompt_ids"].repeat_interleave(k, 0), batch["prompt_mask"].repeat_interleave(k, 0)
+        rollout = self.rollout_loop().run(prompt_ids, prompt_mask, self.kl_controller.value)
         rollout_seconds = time.perf_counter() - started
         nonfinite = rollout.nonfinite_fields()
         flag = torch.tensor(float(bool(nonfinite)), device=rollout.scores.device)
