@@ -98,13 +98,14 @@ def tokenizer_command(argv: Sequence[str]) -> int:
         description="Train a byte-level BPE tokenizer on SFT demonstrations (for a preset model).",
     )
     parser.add_argument("--output_dir", required=True, help="folder to write the tokenizer into")
-    parser.add_argument("--train_file", default=None, help="SFT JSONL (default: the built-in task)")
+    parser.add_argument("--train_file", default=None, help="SFT JSONL (default: the demonstrations of --task)")
+    parser.add_argument("--task", default="sentiment", help="built-in task (or import path) when no --train_file")
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="upper bound on the vocabulary")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in task's data")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task's data")
     options = parser.parse_args(list(argv))
     if options.vocab_size < MIN_VOCAB_SIZE:
         parser.error(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + EOS + pad), got {options.vocab_size}")
-    data_args = {"train_file": options.train_file, "val_fraction": 0.0, "seed": options.seed}
+    data_args = {"train_file": options.train_file, "val_fraction": 0.0, "seed": options.seed, "task": options.task}
     folder = train_tokenizer_folder(options.output_dir, data_args, options.vocab_size)
     print(f"tokenizer: {folder}")
     return 0

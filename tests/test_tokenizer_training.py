@@ -75,6 +75,8 @@ def test_folder_from_every_sft_record_kind_loads_with_auto_tokenizer(tmp_path: P
 def test_command_trains_on_the_builtin_task_and_reports_bad_input(tmp_path: Path, capsys):
     assert main(["tokenizer", "--output_dir", str(tmp_path / "tok")]) == 0
     assert load_tokenizer(str(tmp_path / "tok")).tokenize(" superb") == ["Ġsuperb"]
+    assert main(["tokenizer", "--output_dir", str(tmp_path / "menu"), "--task", "menu"]) == 0
+    assert load_tokenizer(str(tmp_path / "menu")).tokenize(" lentil curry") == ["Ġlentil", "Ġcurry"]
     bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}])
     assert main(["tokenizer", "--output_dir", str(tmp_path / "t2"), "--train_file", str(bad)]) == 2
     assert f"{bad}:2: field 'completion': missing" in capsys.readouterr().err
