@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_lightning.best_of_n import best_of_n, best_of_n_kl, sample_candidates, score_candidates
+from rlhf_lightning.best_of_n import best_of_n_kl, sample_candidates, score_candidates
 from rlhf_lightning.cli import main as cli_main
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer
 from rlhf_lightning.rewards import CallableScorer, RewardModelScorer
@@ -98,14 +98,13 @@ def best_of_n_reference(run: Path, task: str, prompts: list[str], generation: Ge
     judge = import_object(f"rlhf_lightning.tasks.{task}.judge")
     sft = str(run / "sft" / "model")
     candidates = sample_candidates(sft, prompts, BEST_OF, generation, seed)
-    by_judge = CallableScorer(judge)
-    result = {"bo16_judge_gold": best_of_n(candidates, BEST_OF, by_judge)[1].mean().item()}
+    gold = score_candidates(candidates, BEST_OF, CallableScorer(judge))  # (prompts, 16)
+    result = {"bo16_judge_gold": gold.max(dim=1).values.mean().item()}
     if with_reward_model:
         reward_dir = str(run / "reward" / "model")
         tokenizer = load_tokenizer(reward_dir)
         scorer = RewardModelScorer(load_sequence_scorer(reward_dir, tokenizer).eval(), tokenizer, load_tokenizer(sft))
         rm_scores = score_candidates(candidates, BEST_OF, scorer)
-        gold = score_candidates(candidates, BEST_OF, by_judge)
         result["bo16_rm_gold"] = gold.gather(1, rm_scores.argmax(1, keepdim=True)).mean().item()
     return result
 

@@ -85,12 +85,9 @@ def load_scorer(policy_dir: str, reward_model: str | None, reward_fn: str | None
     if (reward_model is None) == (reward_fn is None):
         raise UserInputError("best-of-n: give exactly one of --reward_model or --reward_fn")
     if reward_fn is not None:
-        from .tasks import import_object
+        from .tasks import load_callable
 
-        try:
-            return CallableScorer(import_object(reward_fn))
-        except (ImportError, AttributeError, ValueError) as err:
-            raise UserInputError(f"best-of-n: --reward_fn: cannot import {reward_fn!r} ({err})") from err
+        return CallableScorer(load_callable(reward_fn, "best-of-n: --reward_fn"))
     reward_tokenizer = load_tokenizer(reward_model)
     model = load_sequence_scorer(reward_model, reward_tokenizer).eval()
     return RewardModelScorer(model, reward_tokenizer, load_tokenizer(policy_dir))

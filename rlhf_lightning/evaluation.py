@@ -8,7 +8,6 @@ given) judges the pair (win rate, gold score, validity).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torchmetrics.functional import spearman_corrcoef
 from . import ppo_math as pm
 from .data.encoding import attention_mask_for, encode_prompt, pad
 from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
-from .rewards import RewardModelScorer
+from .rewards import RewardModelScorer, TextRewardFn
 from .rollout import GenerationSettings, Responses, RolloutLoop, response_logprobs
 
 
@@ -59,7 +58,8 @@ def sample_responses(
     return Responses(prompt_ids, prompt_mask, response_ids, response_mask, loop.tokenizer)
 
 
-JudgeFn = Callable[[list[str], list[str]], Sequence[float]]
+#: A gold judge has the signature of a text reward function (and may have ``is_valid``).
+JudgeFn = TextRewardFn
 
 
 def judge_pairs(judge: JudgeFn, prompts: list[str], completions: list[str], baseline_completions: list[str]) -> dict[str, list[float]]:

@@ -170,17 +170,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 def load_judge(path: str | None) -> Any:
     """The judge at import path ``path`` (None: no judge); a one-line error names the key."""
-    if path is None:
-        return None
-    from .tasks import import_object
+    from .tasks import load_callable
 
-    try:
-        judge = import_object(path)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserInputError(f"pipeline: judge: cannot import {path!r} ({err})") from err
-    if not callable(judge):
-        raise UserInputError(f"pipeline: judge: {path!r} is not callable (prompts, completions) -> scores")
-    return judge
+    return None if path is None else load_callable(path, "pipeline: judge")
 
 
 def validation_records(config_path: str) -> list[dict[str, Any]]:

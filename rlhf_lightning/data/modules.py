@@ -85,14 +85,13 @@ class _JSONLDataModule(LightningDataModule):
     # --- shared -------------------------------------------------------------------------
     def builtin_records(self, split: str) -> list[Record]:
         """The ``task``'s records of this module's kind for ``split`` (its default sizes)."""
-        from ..tasks import DEFAULT_SIZES, get_task
+        from ..tasks import get_task, task_records
 
         try:
             task = get_task(self.task, self.seed)
         except ValueError as err:
             raise UserInputError(f"data.init_args.task: {err}") from err
-        make = {"sft": task.sft_records, "prefs": task.preference_records, "prompts": task.prompt_records}
-        return make[self.record_kind](DEFAULT_SIZES[f"{self.record_kind}_{split}"], split)
+        return task_records(task, self.record_kind, split)
 
     def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from ..data.encoding import attention_mask_for, encode_preference, pad
 from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
+from ..evaluation import JudgeFn
 from ..models import load_causal_lm, load_sequence_scorer
 from ..reward_scoring import (
     REWARD_OFFSET_KEY,
@@ -117,7 +118,7 @@ class RewardModule(HFModelModule):
         normalize_file: str | None = None,
         normalize_max_length: int | None = None,
         score_batch_size: int = 64,
-        judge: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+        judge: JudgeFn | None = None,
     ) -> None:
         super().__init__()
         if likelihood_distillation_coef < 0:
@@ -239,8 +240,8 @@ class RewardModule(HFModelModule):
             records = getattr(datamodule, "val_records", None) or []
             dataset = [e for e in getattr(datamodule, "val_dataset", None) or [] if e.get("index", len(records)) < len(records)]
             table: dict[tuple[int, ...], float] = {}
+            prompts = [records[e["index"]]["prompt"] for e in dataset]
             for side in ("chosen", "rejected"):
-                prompts = [records[e["index"]]["prompt"] for e in dataset]
                 scores = self.judge(prompts, [records[e["index"]][side] for e in dataset]) if dataset else []
                 table.update({tuple(e[side]): float(score) for e, score in zip(dataset, scores)})
             self._gold_scores = table
@@ -277,10 +278,9 @@ class RewardModule(HFModelModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_file", None) is not None:
             return None
-        from ..tasks import DEFAULT_SIZES, get_task
+        from ..tasks import get_task, task_records
 
-        task = get_task(getattr(datamodule, "task", "sentiment"), getattr(datamodule, "seed", 0))
-        return task.sft_records(DEFAULT_SIZES["sft_val"], split="val")
+        return task_records(get_task(getattr(datamodule, "task", "sentiment"), getattr(datamodule, "seed", 0)), "sft", "val")
 
     def compute_reward_offset(self, records: list[Record]) -> float:
         """Mean raw reward of prompt+completion+EOS sequences (encoded as preference pairs are)."""

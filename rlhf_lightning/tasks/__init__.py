@@ -14,13 +14,13 @@ from rlhf_lightning.tasks.base import (
     DEFAULT_NOISE_TEMPERATURE,
     DEFAULT_SIZES,
     BuiltinTask,
-    Judge,
     Task,
     TaskJudge,
     bradley_terry_probability,
     compare,
     judge_validity,
     label_agreement,
+    task_records,
     win_rate,
 )
 from rlhf_lightning.tasks.sentiment import SentimentTask, gold_rewards
@@ -40,6 +40,20 @@ def import_object(path: str) -> Any:
     if not module:
         raise ValueError(f"{path!r} is not an import path (module.attribute)")
     return getattr(importlib.import_module(module), attribute)
+
+
+def load_callable(path: str, key: str) -> Any:
+    """The callable at import path ``path``, or a one-line :class:`UserInputError` naming the
+    config key or option ``key`` it came from."""
+    from ..errors import UserInputError
+
+    try:
+        found = import_object(path)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserInputError(f"{key}: cannot import {path!r} ({err})") from err
+    if not callable(found):
+        raise UserInputError(f"{key}: {path!r} is not callable (prompts, completions) -> scores")
+    return found
 
 
 def get_task(spec: str | Task, seed: int = 0) -> Task:
@@ -63,7 +77,6 @@ __all__ = [
     "DEFAULT_NOISE_TEMPERATURE",
     "DEFAULT_SIZES",
     "BuiltinTask",
-    "Judge",
     "SentimentTask",
     "Task",
     "TaskJudge",
@@ -74,5 +87,7 @@ __all__ = [
     "gold_rewards",
     "judge_validity",
     "label_agreement",
+    "load_callable",
+    "task_records",
     "win_rate",
 ]

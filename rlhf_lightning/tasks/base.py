@@ -3,7 +3,8 @@
 A **task** is a source of records (SFT demonstrations, preference pairs, prompts) together with
 a **gold judge** (the score raters are noisy about) and a **noisy rater** (how those pairs were
 labelled). Generic code (data modules, stage modules, evaluation, the pipeline) only ever sees
-the :class:`Task` protocol or a :class:`Judge`; it never imports a particular task.
+the :class:`Task` protocol or a judge (a callable ``(prompts, completions) -> scores``, optionally
+with ``is_valid``); it never imports a particular task.
 
 The built-in tasks subclass :class:`BuiltinTask`: each supplies how to draw a prompt, a good
 (valid) completion and a degenerate (invalid) one, and its gold score; the base class turns
@@ -61,19 +62,16 @@ class Task(Protocol):
         ...
 
 
-class Judge(Protocol):
-    """A gold judge for evaluation: ``judge(prompts, completions) -> scores`` (higher is better).
-
-    A judge may also have ``is_valid(prompts, completions) -> list[bool]``; evaluation then
-    reports how often outputs are valid. Give one in YAML by import path, e.g.
-    ``rlhf_lightning.tasks.sentiment.judge``, or your own function or object.
-    """
-
-    def __call__(self, prompts: list[str], completions: list[str]) -> Sequence[float]: ...
+def task_records(task: Task, kind: str, split: str, n: int | None = None) -> list[dict]:
+    """A task's records of ``kind`` (``sft``, ``prefs`` or ``prompts``) for ``split``; ``n``
+    defaults to the split's size in :data:`DEFAULT_SIZES`."""
+    make = {"sft": task.sft_records, "prefs": task.preference_records, "prompts": task.prompt_records}[kind]
+    return make(DEFAULT_SIZES[f"{kind}_{split}"] if n is None else n, split)
 
 
 class TaskJudge:
-    """A task's gold score and validity check as a :class:`Judge`."""
+    """A task's gold score and validity check as a judge: ``judge(prompts, completions) -> scores``
+    and ``judge.is_valid(prompts, completions) -> list[bool]``."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -215,11 +213,6 @@ class BuiltinTask:
         rng = self._rng("prompts", split)
         return [{"prompt": self.draw_prompt(rng)} for _ in range(n)]
 
-    def records(self, kind: str, split: str, n: int | None = None) -> list[dict]:
-        """``kind`` in ``sft`` / ``prefs`` / ``prompts``; ``n`` defaults to :data:`DEFAULT_SIZES`."""
-        make = {"sft": self.sft_records, "prefs": self.preference_records, "prompts": self.prompt_records}[kind]
-        return make(DEFAULT_SIZES[f"{kind}_{split}"] if n is None else n, split)
-
     def write_files(self, out_dir: str | os.PathLike[str], sizes: dict[str, int] | None = None) -> dict[str, Path]:
         """Write the six JSONL files of :data:`DEFAULT_SIZES` (overridable per key) atomically.
 
@@ -234,5 +227,5 @@ class BuiltinTask:
         paths = {}
         for name, n in sizes.items():
             kind, split = name.split("_")
-            paths[name] = write_jsonl(Path(out_dir) / f"{name}.jsonl", self.records(kind, split, n))
+            paths[name] = write_jsonl(Path(out_dir) / f"{name}.jsonl", task_records(self, kind, split, n))
         return paths
