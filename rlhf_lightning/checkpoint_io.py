@@ -5,6 +5,9 @@ to the checkpoint folder; across filesystems that move is a copy, and a kill dur
 a truncated ``last.ckpt`` that the next ``--ckpt_path`` fails on. This writer stages the file
 next to its destination, syncs it to disk and renames it into place (an atomic step on POSIX),
 so a resumed run always finds the previous complete checkpoint.
+
+A checkpoint also holds only the weights that train: frozen ones are loaded again from their
+folders on resume (:func:`drop_frozen_weights`, :func:`restore_frozen_weights`).
 """
 
 from __future__ import annotations
@@ -51,3 +54,27 @@ def use_atomic_checkpoints(trainer: Any) -> None:
     strategy = trainer.strategy
     if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _frozen_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``module``'s frozen parameters by state-dict key (tied copies included)."""
+    return {
+        name: value for name, value in module.state_dict(keep_vars=True).items()
+        if isinstance(value, torch.nn.Parameter) and not value.requires_grad
+    }
+
+
+def drop_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Leave the frozen parameters (a LoRA base model, PPO's reference and reward model) out of
+    ``checkpoint["state_dict"]``: ``configure_model`` loads them again from their folders, so a
+    checkpoint holds only what is trained. Call from ``on_save_checkpoint``."""
+    frozen = _frozen_parameters(module)
+    checkpoint["state_dict"] = {name: value for name, value in checkpoint["state_dict"].items() if name not in frozen}
+
+
+def restore_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Fill in the frozen parameters that :func:`drop_frozen_weights` left out with the ones
+    ``configure_model`` loaded, so that strict loading still checks every trained weight. Call
+    from ``on_load_checkpoint``."""
+    for name, value in _frozen_parameters(module).items():
+        checkpoint["state_dict"].setdefault(name, value.detach())

@@ -70,6 +70,14 @@ def write_task_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def user_input_error(err: BaseException) -> UserInputError | None:
+    """The :class:`UserInputError` ``err`` is or was raised from (jsonargparse wraps one raised
+    by a module's ``__init__`` in a ``ValueError``), else None."""
+    while err is not None and not isinstance(err, UserInputError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -92,8 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return label_command(args[1:])
         RLHFCLI(args=None if argv is None else args)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:  # UserInputError is one
+        user_error = user_input_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,4 +1,5 @@
-"""PPO math for RLHF as pure functions on tensors (torch + stdlib only).
+"""RLHF math as pure functions on tensors (torch + stdlib only): PPO, the critic-free advantage
+estimators (GRPO, RLOO, REINFORCE++) and the DPO losses.
 
 Shapes: ``b`` = batch of responses, ``t`` = response length, ``v`` = vocabulary size.
 ``mask`` arguments are bool or float (b, t) tensors: nonzero = real response token, 0 = padding.
@@ -13,6 +14,14 @@ References:
   [N]   Huang et al., "The N Implementation Details of RLHF with PPO".
   [KL]  Schulman 2020, "Approximating KL Divergence" (k1 / k2 / k3).
   [K19] Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!" (leave-one-out).
+  [GRPO] Shao et al. 2024, "DeepSeekMath" (group-relative advantages, k3 KL in the loss).
+  [DrGRPO] Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective".
+  [R++] Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs".
+  [DPO] Rafailov et al. 2023, "Direct Preference Optimization" (eq. 7).
+  [cDPO] Mitchell 2023, "A note on DPO with noisy preferences" (label smoothing).
+  [rDPO] Chowdhury et al. 2024, "Provably Robust DPO" (unbiased under label noise).
+  [IPO] Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+        Preferences" (eq. 17).
 """
 
 from __future__ import annotations
@@ -22,10 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_REDUCTIONS = ("sequence_mean", "token_mean", "constant")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust")
 DEFAULT_CHUNK_SIZE = 1024  # (batch, time) rows of logits upcast to float32 at once
 
 
@@ -202,6 +214,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     With ``log_ratio = logprobs - ref_logprobs`` and ``r = exp(-log_ratio)``:
     k1 = log_ratio (unbiased, can be < 0); k2 = 0.5 * log_ratio^2 (biased, >= 0);
     k3 = (r - 1) - log r (unbiased, >= 0).
+
+    k3 with grad through ``logprobs`` is also GRPO's KL term in the loss [GRPO] (eq. 4:
+    ``pi_ref / pi - log(pi_ref / pi) - 1``); reduce it with :func:`reduce_token_losses`.
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
@@ -233,6 +248,13 @@ def shape_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: 
     return torch.where(mask, rewards, 0.0), kl, non_score_reward
 
 
+def _score_groups(scores: Tensor, group_size: int) -> Tensor:
+    """(num_prompts, group_size) view of (b,) ``scores`` whose consecutive rows answer one prompt."""
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores cannot be split into groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
 def leave_one_out_scores(scores: Tensor, group_size: int) -> Tensor:
     """Scores minus the mean of the *other* responses to the same prompt (RLOO's baseline [K19]).
 
@@ -248,9 +270,7 @@ def leave_one_out_scores(scores: Tensor, group_size: int) -> Tensor:
     """
     if group_size == 1:
         return scores
-    if group_size < 1 or scores.shape[0] % group_size:
-        raise ValueError(f"{scores.shape[0]} scores cannot be split into groups of {group_size}")
-    groups = scores.view(-1, group_size)
+    groups = _score_groups(scores, group_size)
     baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return (groups - baseline).reshape(-1)
 
@@ -269,6 +289,55 @@ def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: flo
         return scores
     penalised = torch.full_like(scores, penalty) if mode == "replace" else scores - penalty
     return torch.where(contains_eos.bool(), scores, penalised)
+
+
+# ------------------------------------------------------------------ critic-free advantages
+# RLOO's advantage [K19] is :func:`leave_one_out_scores`.
+def grpo_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantage [GRPO]: each score minus its group's mean, over the group's std.
+
+    ``A_i = (s_i - mean_g s) / (std_g s + eps)``, with the unbiased (n - 1) std and ``eps`` added
+    to the std, as TRL's ``GRPOTrainer``; a group whose scores are all equal gets 0.
+    ``scale_by_std=False`` gives ``s_i - mean_g s``: Dr. GRPO [DrGRPO], which also drops the
+    per-response length normalisation of the loss (:func:`reduce_token_losses` ``"constant"``).
+
+    Args:
+        scores: (b,) with ``b = num_prompts * group_size``; rows ``i*group_size .. (i+1)*group_size-1``
+            answer the same prompt (as in :func:`leave_one_out_scores`).
+        group_size: responses per prompt, >= 2.
+    Returns:
+        (b,) one advantage per response, given to each of its tokens.
+    """
+    if group_size < 2:
+        raise ValueError(f"GRPO compares the responses to one prompt: group_size must be >= 2, got {group_size}")
+    groups = _score_groups(scores, group_size)
+    advantages = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0,
+                            all_reduce: Callable[[Tensor], Tensor] | None = None, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ advantages [R++]: the return-to-go of the per-token rewards, whitened over the
+    whole batch (no critic, no group).
+
+    ``G_t = sum_{t' >= t} gamma^(t' - t) r_t'``, then ``A = (G - mean G) / std G`` over every real
+    token of the batch (of every rank with ``all_reduce``, see :func:`masked_whiten`). ``rewards``
+    hold the KL: they are :func:`shape_rewards`' ``-kl_coef * kl_t`` per token plus the score at
+    the last one. REINFORCE++-baseline subtracts the group mean from the scores before shaping
+    (``grpo_advantages(scores, group_size, scale_by_std=False)``).
+
+    Follows OpenRLHF (``advantage_estimator="reinforce"`` in ``ppo_utils/experience_maker.py``:
+    ``compute_reward``, ``get_cumulative_returns``, then one mean and std over the action tokens
+    of all experiences), except that the std is the package's :func:`masked_whiten` one (unbiased,
+    ``eps`` under the root) where OpenRLHF divides by the token count: a factor sqrt(n / (n - 1)).
+
+    Args: rewards, mask: (b, t). Returns: (b, t), 0 at padding.
+    """
+    # GAE with V = 0 and lam = 1 is the discounted return-to-go.
+    returns_to_go, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return masked_whiten(returns_to_go, mask, all_reduce=all_reduce, eps=eps)
 
 
 # ---------------------------------------------------------------------------------- losses
@@ -344,6 +413,71 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), mask)
     clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask).detach()
     return loss, clipfrac
+
+
+def reduce_token_losses(values: Tensor, mask: Tensor, reduction: str = "token_mean",
+                        max_length: int | None = None) -> Tensor:
+    """0-dim loss from per-token losses ``values`` (b, t) (a policy loss, GRPO's k3 KL term).
+
+    * ``sequence_mean``: the mean over each response's tokens, then over responses (GRPO [GRPO]
+      eq. 3, ``1/G sum_i 1/|o_i| sum_t``): a token of a short response weighs more.
+    * ``token_mean``: the mean over every real token of the batch (as :func:`policy_loss`).
+    * ``constant``: the sum over real tokens divided by ``b * max_length`` (Dr. GRPO [DrGRPO]: no
+      per-response length normalisation); ``max_length`` defaults to ``t``. Pass the generation
+      budget (``max_new_tokens``) to make the normaliser the same in every batch.
+    """
+    if reduction == "sequence_mean":
+        return masked_mean(values, mask, dim=-1).mean()
+    if reduction == "token_mean":
+        return masked_mean(values, mask)
+    if reduction == "constant":
+        return masked_sum(values, mask) / (values.shape[0] * (max_length or values.shape[-1]))
+    raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {LOSS_REDUCTIONS}")
+
+
+def dpo_sequence_logps(token_logps: Tensor, mask: Tensor, loss_type: str) -> Tensor:
+    """(b,) ``log pi(y | x)`` of each response from its (b, t) token log-probs: the sum over the
+    response tokens in ``mask``, or their mean for ``ipo`` (as TRL, which averages IPO's log-probs
+    over the response length)."""
+    return masked_mean(token_logps, mask, dim=-1) if loss_type == "ipo" else masked_sum(token_logps, mask, dim=-1)
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO loss of ``b`` preference pairs and their implicit rewards, with TRL's definitions.
+
+    With ``h = (pi_c - pi_r) - (ref_c - ref_r)`` (sequence log-probs, see
+    :func:`dpo_sequence_logps`) and ``eps = label_smoothing``, the per-pair loss is
+
+    * ``sigmoid``: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)`` ([DPO]; with
+      ``eps > 0`` conservative DPO [cDPO]: each label is taken as flipped with probability eps);
+    * ``robust``: ``(-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``
+      ([rDPO]: an unbiased estimate of the clean-label loss, eps < 0.5);
+    * ``ipo``: ``(h - 1 / (2 beta))^2`` ([IPO] eq. 17, beta is IPO's tau; eps is not used).
+
+    Both sigmoid forms are ``log 2`` when the policy equals the reference (``h = 0``).
+
+    Args: the four log-probs (b,); beta > 0.
+    Returns:
+        loss: 0-dim float32 mean over pairs.
+        chosen_rewards, rejected_rewards: (b,) detached implicit rewards ``beta * (pi - ref)``.
+    """
+    pi_c, pi_r, ref_c, ref_r = (x.float() for x in (policy_chosen_logps, policy_rejected_logps,
+                                                    ref_chosen_logps, ref_rejected_logps))
+    h = (pi_c - pi_r) - (ref_c - ref_r)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        if not 0 <= eps < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)).square()
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    return losses.mean(), (beta * (pi_c - ref_c)).detach(), (beta * (pi_r - ref_r)).detach()
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

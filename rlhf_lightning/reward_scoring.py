@@ -1,5 +1,5 @@
-"""Reward-model maths and scoring: the Bradley-Terry loss, reading a sequence's reward, and the
-auxiliary likelihood-distillation loss.
+"""Reward-model maths and scoring: the Bradley-Terry loss, pair accuracy, reading a sequence's
+reward, and the auxiliary likelihood-distillation loss.
 
 A reward model here is a Hugging Face ``*ForSequenceClassification`` model with one label
 (see :func:`rlhf_lightning.models.load_sequence_scorer`). Its reward for a sequence is the
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from .lora import backbone
 from .ppo_math import logprobs_from_logits, masked_mean
 
 #: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
@@ -60,6 +61,16 @@ def bradley_terry_loss(
     if centering_coef:
         loss = loss + centering_coef * (chosen + rejected).pow(2).mean()
     return loss
+
+
+def pair_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """Per pair: 1 if chosen scores higher, 0 if lower, 0.5 on an exact tie.
+
+    Ties count one half, the same convention as the ceiling
+    :func:`rlhf_lightning.tasks.label_agreement`; a constant reward model scores 0.5. Also DPO's
+    ``rewards/accuracies`` on its implicit rewards.
+    """
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -102,7 +113,7 @@ def scalar_head(model: PreTrainedModel) -> nn.Module:
 def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The backbone's final hidden states ``(b, t, h)``, with grad, position ids built from the
     mask (any padding side)."""
-    return model.base_model(
+    return backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),

@@ -80,6 +80,21 @@ def test_preference_ends_with_eos_and_keeps_prompt_end(tok):
     assert tok.decode(pair["chosen"]) == "efXY</s>"
     assert tok.decode(pair["rejected"]) == "defZ</s>"
     assert pair["margin"] == 0.0
+    assert (pair["chosen_response_length"], pair["rejected_response_length"]) == (3, 2)  # "XY</s>", "Z</s>"
+    # a response that fills max_length leaves no room for the prompt
+    assert encode_preference({"prompt": "ab", "chosen": "WXYZ", "rejected": "Z"}, tok, max_length=3)["chosen_response_length"] == 3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_preference_batch_marks_the_response_tokens(tok, side: str):
+    from rlhf_lightning.data.encoding import PreferenceCollator
+
+    pairs = [encode_preference({"prompt": "ab", "chosen": "XY", "rejected": "Z"}, tok, max_length=64),
+             encode_preference({"prompt": "abcd", "chosen": "X", "rejected": "VWXYZ"}, tok, max_length=64)]
+    batch = PreferenceCollator(tok.pad_token_id, side)(pairs)
+    texts = [tok.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["response_mask"])]
+    assert texts == ["XY</s>", "X</s>", "Z</s>", "VWXYZ</s>"]  # chosen rows, then rejected rows
+    assert not (batch["response_mask"].bool() & ~batch["attention_mask"].bool()).any()  # never on padding
 
 
 def test_prompt_record_renders_chat_with_generation_prompt(tok):
@@ -188,5 +203,5 @@ def test_preference_pairs_from_builtin_task_carry_no_labels_of_their_own():
     dm = PreferenceDataModule(tokenizer="preset:tiny-gpt2", batch_size=4)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "margin"}
+    assert set(batch) == {"input_ids", "attention_mask", "response_mask", "margin"}
     assert batch["input_ids"].shape[0] == 2 * batch["margin"].shape[0]

@@ -12,10 +12,13 @@ from rlhf_lightning.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
+    dpo_loss,
+    dpo_sequence_logps,
     entropy_from_logits,
     explained_variance,
     first_eos_mask,
     gae,
+    grpo_advantages,
     has_eos,
     kl_penalty,
     last_token_index,
@@ -25,6 +28,8 @@ from rlhf_lightning.ppo_math import (
     masked_var,
     masked_whiten,
     policy_loss,
+    reduce_token_losses,
+    reinforce_pp_advantages,
     shape_rewards,
     value_loss,
 )
@@ -426,3 +431,127 @@ def test_leave_one_out_scores_hand_values():
     assert leave_one_out_scores(scores, 1) is scores
     with pytest.raises(ValueError, match="groups of 3"):
         leave_one_out_scores(scores, 3)
+
+
+# ------------------------------------------------------------------ critic-free advantages
+GROUP = torch.tensor([1.0, 2.0, 3.0, 6.0])  # four responses to one prompt, with known rewards
+
+
+def test_group_of_four_gives_known_advantages_for_each_estimator():
+    # mean 3, deviations [-2, -1, 0, 3]; squares sum 4 + 1 + 0 + 9 = 14
+    # GRPO: unbiased std sqrt(14 / 3) = 2.160247, + eps 1e-4 = 2.160347
+    #   [-2, -1, 0, 3] / 2.160347 = [-0.925777, -0.462889, 0, 1.388666]
+    close(grpo_advantages(GROUP, 4), [-0.925777, -0.462889, 0.0, 1.388666])
+    # Dr. GRPO: the deviations themselves
+    close(grpo_advantages(GROUP, 4, scale_by_std=False), [-2.0, -1.0, 0.0, 3.0])
+    # RLOO: 1 - (2+3+6)/3 = -8/3; 2 - (1+3+6)/3 = -4/3; 3 - (1+2+6)/3 = 0; 6 - (1+2+3)/3 = 4
+    close(leave_one_out_scores(GROUP, 4), [-2.666667, -1.333333, 0.0, 4.0])
+
+
+def test_grpo_groups_are_consecutive_rows_and_equal_scores_give_zero():
+    scores = torch.cat([torch.tensor([5.0, 5.0, 5.0, 5.0]), GROUP])
+    # first group: std 0, so 0 / (0 + eps) = 0 (no nan); second group as above
+    close(grpo_advantages(scores, 4), [0.0, 0.0, 0.0, 0.0, -0.925777, -0.462889, 0.0, 1.388666])
+    # groups of 2: [5, 5] -> 0; [1, 2]: mean 1.5, std sqrt(0.5) = 0.707107 -> -/+ 0.5 / 0.707207 = 0.707007
+    close(grpo_advantages(scores, 2)[4:6], [-0.707007, 0.707007])
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo_advantages(scores, 3)
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        grpo_advantages(scores, 1)
+
+
+def test_reinforce_pp_returns_to_go_with_kl_in_reward_whitened_over_the_batch():
+    # Four responses (the group above's rewards would do; here scores 1, 0, 2, -1), KL in the
+    # reward with kl_coef 0.5 and k1 = log-ratio per token:
+    scores = torch.tensor([1.0, 0.0, 2.0, -1.0], dtype=D)
+    log_ratio = torch.tensor([[0.2, 0.0], [0.4, NAN], [0.0, 0.2], [0.0, 0.0]], dtype=D)
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    rewards, _, _ = shape_rewards(scores, log_ratio, torch.zeros_like(log_ratio), mask, kl_coef=0.5)
+    # rewards: [-0.1, 1.0], [-0.2], [0.0, -0.1 + 2 = 1.9], [0.0, -1.0]
+    # returns-to-go (gamma 1): [0.9, 1.0], [-0.2], [1.9, 1.9], [-1.0, -1.0]
+    # over the 7 real tokens: sum 3.5, mean 0.5; deviations 0.4, 0.5, -0.7, 1.4, 1.4, -1.5, -1.5
+    # squares sum 0.16 + 0.25 + 0.49 + 1.96 + 1.96 + 2.25 + 2.25 = 9.32; unbiased std sqrt(9.32 / 6) = 1.246328
+    expected = [[0.320943, 0.401179], [-0.561650, 0.0], [1.123300, 1.123300], [-1.203536, -1.203536]]
+    close(reinforce_pp_advantages(rewards, mask), expected)
+    # gamma on one row of rewards [1, 0, 2]:
+    # gamma 0.5: G = [1 + 0.5 * 1, 0 + 0.5 * 2, 2] = [1.5, 1, 2]; mean 1.5, deviations [0, -0.5, 0.5],
+    #   unbiased std sqrt(0.5 / 2) = 0.5 -> [0, -1, 1]
+    # gamma 1: G = [3, 2, 2]; mean 7/3, deviations [2/3, -1/3, -1/3], std sqrt((6/9) / 2) = 0.577350
+    #   -> [1.154701, -0.577350, -0.577350]
+    row, full = torch.tensor([[1.0, 0.0, 2.0]], dtype=D), torch.ones(1, 3, dtype=torch.bool)
+    close(reinforce_pp_advantages(row, full, gamma=0.5), [[0.0, -1.0, 1.0]])
+    close(reinforce_pp_advantages(row, full), [[1.154701, -0.577350, -0.577350]])
+
+
+def test_grpo_k3_kl_in_the_loss_is_kl_penalty_k3_with_its_gradient():
+    # pi_ref / pi = 2 on the first token (ref = logp + ln 2), 1 on the second:
+    # k3 = 2 - ln 2 - 1 = 0.306853 and 1 - 0 - 1 = 0
+    logp = torch.tensor([[-1.0, -0.5, 7.0]], dtype=D, requires_grad=True)
+    ref = torch.tensor([[-1.0 + LN2, -0.5, 0.0]], dtype=D)
+    mask = torch.tensor([[True, True, False]])
+    kl = kl_penalty(logp, ref, "k3")
+    close(kl[mask], [0.306853, 0.0])
+    reduce_token_losses(kl, mask, "token_mean").backward()
+    # d/dlogp (e^(ref - logp) - (ref - logp) - 1) = 1 - e^(ref - logp) = 1 - 2 = -1 and 1 - 1 = 0; / 2 tokens
+    close(logp.grad, [[-0.5, 0.0, 0.0]])
+
+
+def test_reduce_token_losses_hand_values():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, NAN, INF]], dtype=D)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    close(reduce_token_losses(values, mask, "sequence_mean"), 3.0)  # (mean(1,2,3) = 2 + 4) / 2
+    close(reduce_token_losses(values, mask, "token_mean"), 2.5)  # (1 + 2 + 3 + 4) / 4
+    close(reduce_token_losses(values, mask, "constant"), 10 / 6)  # sum 10 / (2 rows * width 3)
+    close(reduce_token_losses(values, mask, "constant", max_length=5), 1.0)  # 10 / (2 * 5)
+    with pytest.raises(ValueError, match="sequence_mean.*token_mean.*constant"):
+        reduce_token_losses(values, mask, "sum")
+
+
+# --------------------------------------------------------------------------------- DPO
+def test_dpo_sequence_logps_sum_or_ipo_mean():
+    token_logps = torch.tensor([[-1.0, -2.0, -3.0], [NAN, -4.0, NAN]], dtype=D)
+    mask = torch.tensor([[True, True, True], [False, True, False]])  # prompt and padding masked
+    close(dpo_sequence_logps(token_logps, mask, "sigmoid"), [-6.0, -4.0])
+    close(dpo_sequence_logps(token_logps, mask, "ipo"), [-2.0, -4.0])
+
+
+def test_dpo_loss_hand_values():
+    # pair 0: policy chosen -4, rejected -6; reference -5 and -5; beta 0.5
+    #   h = (-4 + 6) - (-5 + 5) = 2, beta h = 1; rewards 0.5 * (-4 + 5) = 0.5, 0.5 * (-6 + 5) = -0.5
+    # pair 1: everything -3: h = 0, rewards 0
+    pc, pr = torch.tensor([-4.0, -3.0]), torch.tensor([-6.0, -3.0])
+    rc, rr = torch.tensor([-5.0, -3.0]), torch.tensor([-5.0, -3.0])
+    # sigmoid: -log sigmoid(1) = log(1 + e^-1) = 0.313262; h = 0: log 2 = 0.693147; mean 0.503204
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    close(loss, 0.503204)
+    close(chosen, [0.5, 0.0])
+    close(rejected, [-0.5, 0.0])
+    # pair 0 alone, label smoothing 0.1: 0.9 * 0.313262 + 0.1 * log(1 + e^1) = 0.281936 + 0.131326 = 0.413262
+    close(dpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], 0.5, "sigmoid", 0.1)[0], 0.413262)
+    # robust, 0.1: (0.9 * 0.313262 - 0.1 * 1.313262) / (1 - 0.2) = 0.150610 / 0.8 = 0.188262
+    close(dpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], 0.5, "robust", 0.1)[0], 0.188262)
+    # ipo: (h - 1 / (2 * 0.5))^2 = (2 - 1)^2 = 1; pair 1: (0 - 1)^2 = 1
+    close(dpo_loss(pc, pr, rc, rr, 0.5, "ipo")[0], 1.0)
+    close(dpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], 1.0, "ipo")[0], 2.25)  # beta 1: (2 - 0.5)^2
+    with pytest.raises(ValueError, match="sigmoid.*ipo.*robust"):
+        dpo_loss(pc, pr, rc, rr, 0.5, "hinge")
+    with pytest.raises(ValueError, match="label_smoothing < 0.5"):
+        dpo_loss(pc, pr, rc, rr, 0.5, "robust", 0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
+def test_dpo_loss_is_log2_with_zero_rewards_when_policy_equals_reference(loss_type, label_smoothing):
+    logps = torch.tensor([-3.0, -10.0, -0.5], requires_grad=True)
+    other = torch.tensor([-7.0, -1.0, -0.5])
+    loss, chosen, rejected = dpo_loss(logps, other, logps.detach(), other, 0.1, loss_type, label_smoothing)
+    close(loss, LN2)  # (1 - eps) log 2 + eps log 2, and for robust ((1 - eps) - eps) log 2 / (1 - 2 eps)
+    close(chosen, [0.0, 0.0, 0.0])
+    close(rejected, [0.0, 0.0, 0.0])
+    loss.backward()
+    # d/d pi_c at h = 0, where sigmoid(+-beta h) = 1/2: sigmoid: -(1 - eps) beta / 2 + eps beta / 2
+    # = -beta (1 - 2 eps) / 2 (label smoothing weakens the pull); robust: (-(1 - eps) beta / 2
+    # - eps beta / 2) / (1 - 2 eps) = -beta / (2 (1 - 2 eps)) (it strengthens it); / 3 pairs
+    eps = label_smoothing
+    per_pair = -0.1 * (1 - 2 * eps) / 2 if loss_type == "sigmoid" else -0.1 / (2 * (1 - 2 * eps))
+    close(logps.grad, [per_pair / 3] * 3)

@@ -103,7 +103,9 @@ def encode_sft(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: i
 def encode_preference(
     record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> dict[str, Any]:
-    """Ids of prompt+chosen and prompt+rejected (each ending with EOS, as PPO responses do).
+    """Ids of prompt+chosen and prompt+rejected (each ending with EOS, as PPO responses do), and
+    the length of each response (EOS included) as ``chosen_response_length`` /
+    ``rejected_response_length``: the tokens DPO learns from.
 
     Truncation keeps the end of the prompt and the start of the response, and always keeps the
     final EOS, so the reward is read at the same kind of token in training and in PPO.
@@ -114,6 +116,7 @@ def encode_preference(
         response = encode_text(tokenizer, record[side])[: max_length - 1] + [tokenizer.eos_token_id]
         room = max_length - len(response)
         pair[side] = (prompt[-room:] if room > 0 else []) + response
+        pair[f"{side}_response_length"] = len(response)
     return pair
 
 
@@ -171,19 +174,25 @@ class SFTCollator:
 
 @dataclass
 class PreferenceCollator:
-    """Batches pairs as one concatenated batch: chosen rows first, then rejected rows."""
+    """Batches pairs as one concatenated batch: chosen rows first, then rejected rows.
+
+    ``response_mask`` is 1 on each row's response tokens (EOS included), 0 on its prompt and on
+    padding.
+    """
 
     pad_token_id: int
     padding_side: str = "right"
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        batch = {
+        sides = [(p[side], p[f"{side}_response_length"]) for side in ("chosen", "rejected") for p in pairs]
+        sequences = [ids for ids, _ in sides]
+        response_flags = [[0] * (len(ids) - n) + [1] * n for ids, n in sides]
+        return {
             "input_ids": pad(sequences, self.pad_token_id, self.padding_side),
             "attention_mask": attention_mask_for(sequences, self.padding_side),
+            "response_mask": pad(response_flags, 0, self.padding_side),
             "margin": torch.tensor([p["margin"] for p in pairs], dtype=torch.float),
         }
-        return batch
 
 
 @dataclass

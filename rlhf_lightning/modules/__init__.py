@@ -1,7 +1,8 @@
 """One LightningModule per RLHF stage."""
 
+from .dpo import DPOModule
 from .ppo import KLSettings, PPOModule, PPOSettings, ScoreSettings
 from .reward import RewardModule
 from .sft import SFTModule
 
-__all__ = ["KLSettings", "PPOModule", "PPOSettings", "RewardModule", "SFTModule", "ScoreSettings"]
+__all__ = ["DPOModule", "KLSettings", "PPOModule", "PPOSettings", "RewardModule", "SFTModule", "ScoreSettings"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoint_io import use_atomic_checkpoints
+from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights, use_atomic_checkpoints
+from ..lora import LoRASettings, add_adapter
 from ..models import ModelLoadError, load_tokenizer
 from ..optim import adamw, warmup_schedule
 from .export import check_export_dirs
@@ -23,11 +25,12 @@ class HFModelModule(LightningModule):
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
     ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``,
     ``warmup_steps``, ``lr_scheduler``, ``gradient_checkpointing``, ``export_dir`` and
-    ``overwrite_export``.
+    ``overwrite_export``; :meth:`use_lora` sets ``lora``.
     """
 
     model: PreTrainedModel | None
     _tokenizer: PreTrainedTokenizerBase | None = None
+    lora: LoRASettings | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -50,11 +53,19 @@ class HFModelModule(LightningModule):
         check_export_dirs(self, {"export_dir": self.hparams.export_dir}, self.hparams.overwrite_export)
         use_atomic_checkpoints(self.trainer)
 
-    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Apply the module-wide model options (gradient checkpointing)."""
+    def use_lora(self, lora: LoRASettings | None) -> None:
+        """Train a LoRA adapter (``lora``) instead of every weight; None: full fine-tuning."""
+        self.lora = lora
+        self.hparams.update(lora=None if lora is None else asdict(lora))
+
+    def prepare_model(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+        """Apply the module-wide model options (gradient checkpointing, a LoRA adapter for
+        ``task_type``); use the model it returns."""
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        if self.lora is not None:
+            model = add_adapter(model, self.lora, "model.init_args.lora", task_type)
         return model
 
     def optimized_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
@@ -66,3 +77,9 @@ class HFModelModule(LightningModule):
         optimizer = adamw(self.optimized_parameters(), hp.learning_rate, hp.weight_decay, hp.adam_betas)
         scheduler = warmup_schedule(optimizer, hp.lr_scheduler, hp.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        drop_frozen_weights(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen_weights(self, checkpoint)

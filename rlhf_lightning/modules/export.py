@@ -4,12 +4,14 @@ starts, to replace a finished stage's folder by accident."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UserInputError
+from ..lora import ADAPTER_SUBFOLDER, LoRASettings, is_adapter_model, merged_model
 from ..models import is_complete_hf_folder, save_hf_folder
 
 
@@ -39,12 +41,18 @@ def check_export_dirs(module: LightningModule, export_dirs: Mapping[str, str | N
 
 
 def export_at_fit_end(
-    module: LightningModule, export_dir: str | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    module: LightningModule,
+    export_dir: str | None,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    lora: LoRASettings | None = None,
 ) -> None:
     """Save ``model`` + ``tokenizer`` to ``export_dir`` on rank zero, atomically.
 
-    Skipped under ``fast_dev_run`` (a smoke run must not replace a trained model) and when
-    ``export_dir`` is None.
+    A LoRA (peft) model is saved merged, as a plain Hugging Face folder, and with
+    ``lora.export_adapter`` its adapter alone goes to the ``adapter`` subfolder too. Skipped under
+    ``fast_dev_run`` (a smoke run must not replace a trained model) and when ``export_dir`` is
+    None.
     """
     trainer = module.trainer
     if not export_dir:
@@ -53,6 +61,11 @@ def export_at_fit_end(
         rank_zero_info(f"fast_dev_run: not exporting to {export_dir}")
         return
     if trainer.is_global_zero:
-        save_hf_folder(export_dir, model, tokenizer)
+        if is_adapter_model(model):
+            save_hf_folder(export_dir, merged_model(model), tokenizer)
+            if lora is not None and lora.export_adapter:
+                save_hf_folder(Path(export_dir) / ADAPTER_SUBFOLDER, model, tokenizer)
+        else:
+            save_hf_folder(export_dir, model, tokenizer)
         rank_zero_info(f"exported Hugging Face folder: {export_dir}")
     trainer.strategy.barrier("hf_export")

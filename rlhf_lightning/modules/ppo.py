@@ -26,10 +26,11 @@ from torchmetrics.regression import SpearmanCorrCoef
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
-from ..checkpoint_io import use_atomic_checkpoints
+from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights, use_atomic_checkpoints
 from ..errors import UserInputError
 from ..evaluation import JudgeFn, judge_pairs, sample_responses, sequence_kl
 from ..guards import NONFINITE_STEPS, default_guards
+from ..lora import AdapterDisabled, LoRASettings, add_adapter
 from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
@@ -122,6 +123,11 @@ class PPOModule(LightningModule):
     Args:
         policy: the policy to train (usually the SFT export folder).
         reference: the frozen reference policy of the KL penalty (default: ``policy``).
+        lora: train a LoRA adapter on the policy instead of all its weights (needs the ``lora``
+            extra, ``peft``; ``dropout`` must be 0). The reference is then the policy's own base
+            model with the adapter disabled (one copy of the base weights), the critic stays a
+            separate model, and ``policy_export_dir`` gets the merged policy
+            (:mod:`rlhf_lightning.lora`). None: full fine-tuning.
         reward_model: a reward-model folder (``RewardModule``'s export) ...
         reward_fn: ... or a Python callable ``(prompts, completions) -> scores`` (in YAML: its
             import path, e.g. ``rlhf_lightning.tasks.gold_rewards``).
@@ -152,6 +158,7 @@ class PPOModule(LightningModule):
         self,
         policy: str = "outputs/demo/sft/model",
         reference: str | None = None,
+        lora: LoRASettings | None = None,
         reward_model: str | None = None,
         reward_fn: TextRewardFn | None = None,
         critic: str | None = None,
@@ -181,8 +188,14 @@ class PPOModule(LightningModule):
         if ppo.samples_per_prompt < 1 or (scores.baseline == "leave_one_out" and ppo.samples_per_prompt < 2):
             raise ValueError(f"ppo.samples_per_prompt must be >= 1 (>= 2 with scores.baseline leave_one_out), "
                              f"got {ppo.samples_per_prompt}")
-        self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores"])
-        self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores))
+        if lora is not None and lora.dropout != 0:
+            raise ValueError(f"lora.dropout must be 0 for PPO (recomputed log-probs must equal the rollout's), got {lora.dropout}")
+        if lora is not None and reference not in (None, policy):
+            raise ValueError("with lora, the reference is the policy's base model: leave reference unset")
+        self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores", "lora"])
+        self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores),
+                            lora=None if lora is None else asdict(lora))
+        self.lora = lora
         self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
         self.reward_fn = reward_fn
         self.judge = judge
@@ -212,7 +225,11 @@ class PPOModule(LightningModule):
         if (hp.reward_model is None) == (self.reward_fn is None) and type(self).compute_scores is PPOModule.compute_scores:
             raise ValueError("give exactly one of reward_model or reward_fn (or override compute_scores)")
         self.policy = load_causal_lm(hp.policy, self.tokenizer)
-        self.reference = self._frozen(load_causal_lm(hp.reference or hp.policy, self.tokenizer))
+        if self.lora is not None:
+            self.policy = add_adapter(self.policy, self.lora, "model.init_args.lora")
+            self.reference = AdapterDisabled(self.policy)
+        else:
+            self.reference = self._frozen(load_causal_lm(hp.reference or hp.policy, self.tokenizer))
         self.reward_scorer: Any = None
         critic_source = hp.critic
         if hp.reward_model is not None:
@@ -512,6 +529,7 @@ class PPOModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoint + export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        drop_frozen_weights(self, checkpoint)
         checkpoint["ppo_state"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "iteration": self.iteration,
@@ -532,6 +550,7 @@ class PPOModule(LightningModule):
         return [torch.load(io.BytesIO(payload), weights_only=True) for payload in payloads]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen_weights(self, checkpoint)
         state = checkpoint.get("ppo_state")
         if state is None:
             rank_zero_warn("checkpoint has no PPO state: KL controller and counters start afresh")
@@ -544,5 +563,5 @@ class PPOModule(LightningModule):
         set_rng_state(rng)
 
     def on_fit_end(self) -> None:
-        export_at_fit_end(self, self.hparams.policy_export_dir, self.policy, self.tokenizer)
+        export_at_fit_end(self, self.hparams.policy_export_dir, self.policy, self.tokenizer, self.lora)
         export_at_fit_end(self, self.hparams.critic_export_dir, self.critic, self.tokenizer)

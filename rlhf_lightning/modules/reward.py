@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from ..data.encoding import attention_mask_for, encode_preference, pad
 from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
 from ..evaluation import JudgeFn
+from ..lora import LoRASettings
 from ..models import load_causal_lm, load_sequence_scorer
 from ..reward_scoring import (
     REWARD_OFFSET_KEY,
@@ -20,6 +21,7 @@ from ..reward_scoring import (
     bradley_terry_loss,
     hidden_states,
     likelihood_distillation_loss,
+    pair_accuracy,
     rewards_from_hidden,
     score_sequences,
     sequence_rewards,
@@ -28,15 +30,6 @@ from ..reward_scoring import (
 from ..rollout import causal_lm_logits
 from .base import HFModelModule
 from .export import export_at_fit_end
-
-
-def pair_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Per pair: 1 if chosen scores higher, 0 if lower, 0.5 on an exact tie.
-
-    Ties count one half, the same convention as the ceiling
-    :func:`rlhf_lightning.tasks.label_agreement`; a constant reward model scores 0.5.
-    """
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
 def _check_prompt_completion(record: Record, path: str, line: int) -> Record:
@@ -82,6 +75,9 @@ class RewardModule(HFModelModule):
             reward's token can then attend to. Costs one no-grad forward of the reference per
             step; the auxiliary head is not exported. See docs/reward.md.
         gradient_checkpointing: trade compute for memory on large models.
+        lora: train a LoRA adapter, and the scalar head, instead of every weight (needs the
+            ``lora`` extra, ``peft``); the export is the merged model (:mod:`rlhf_lightning.lora`).
+            None: full fine-tuning.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
             fit refuses to start).
@@ -112,6 +108,7 @@ class RewardModule(HFModelModule):
         centering_coef: float = 0.0,
         likelihood_distillation_coef: float = 0.0,
         gradient_checkpointing: bool = False,
+        lora: LoRASettings | None = None,
         export_dir: str | None = "outputs/reward/model",
         overwrite_export: bool = False,
         normalize: bool = True,
@@ -123,7 +120,8 @@ class RewardModule(HFModelModule):
         super().__init__()
         if likelihood_distillation_coef < 0:
             raise ValueError(f"likelihood_distillation_coef must be >= 0, got {likelihood_distillation_coef}")
-        self.save_hyperparameters(ignore=["judge"])
+        self.save_hyperparameters(ignore=["judge", "lora"])
+        self.use_lora(lora)
         self.judge = judge
         self.model: PreTrainedModel | None = None
         self.likelihood_head: torch.nn.Linear | None = None
@@ -147,7 +145,7 @@ class RewardModule(HFModelModule):
         self.model = load_sequence_scorer(self.hparams.model_name_or_path, self.tokenizer)
         # An offset from an earlier reward model would be stale once training changes the model.
         setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
-        self.prepare_model(self.model)
+        self.model = self.prepare_model(self.model, task_type="SEQ_CLS")
         if self.hparams.likelihood_distillation_coef > 0:
             reference = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
             self._reference = [reference.eval().requires_grad_(False)]
@@ -311,4 +309,4 @@ class RewardModule(HFModelModule):
         # Plain Hugging Face use (tokenizer(..., padding=True) then model(**batch)) is correct with
         # right padding: HF pools at the rightmost non-pad token and GPT-2 numbers positions 0..t-1.
         self.tokenizer.padding_side = "right"
-        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer)
+        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer, self.lora)

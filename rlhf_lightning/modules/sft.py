@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from ..data.encoding import IGNORE_INDEX
 from ..generation import sample_texts
+from ..lora import LoRASettings
 from ..models import load_causal_lm
 from ..text_logging import log_text_samples
 from .base import HFModelModule
@@ -46,6 +47,8 @@ class SFTModule(HFModelModule):
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         gradient_checkpointing: trade compute for memory on large models.
+        lora: train a LoRA adapter instead of every weight (needs the ``lora`` extra, ``peft``);
+            the export is the merged model (:mod:`rlhf_lightning.lora`). None: full fine-tuning.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
             fit refuses to start).
@@ -63,6 +66,7 @@ class SFTModule(HFModelModule):
         warmup_steps: int = 50,
         lr_scheduler: str = "cosine",
         gradient_checkpointing: bool = False,
+        lora: LoRASettings | None = None,
         export_dir: str | None = "outputs/sft/model",
         overwrite_export: bool = False,
         sample_prompts: list[str] | None = None,
@@ -70,7 +74,8 @@ class SFTModule(HFModelModule):
         sample_max_new_tokens: int = 64,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["lora"])
+        self.use_lora(lora)
         self.model: PreTrainedModel | None = None
         self.val_loss = MeanMetric()
 
@@ -78,7 +83,7 @@ class SFTModule(HFModelModule):
         if self.model is not None:
             return
         self.model = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
-        self.prepare_model(self.model)
+        self.model = self.prepare_model(self.model)
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.train_accuracy = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
         self.val_accuracy = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
@@ -138,4 +143,4 @@ class SFTModule(HFModelModule):
         log_text_samples(self.trainer, "samples/sft", rows)
 
     def on_fit_end(self) -> None:
-        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer)
+        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer, self.lora)

@@ -1,0 +1,190 @@
+"""LoRA (the ``lora`` extra, peft): PPO trains only the adapter and the critic on a base model
+that the reference shares; exports are merged plain Hugging Face folders; checkpoints hold only
+what trains and resume exactly; SFT and reward stages train adapters too; without peft, asking
+for LoRA is a one-line error."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2LMHeadModel
+
+from rlhf_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from rlhf_lightning.errors import UserInputError
+from rlhf_lightning.evaluation import sample_responses
+from rlhf_lightning.lora import LoRASettings
+from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_causal_lm, load_tokenizer
+from rlhf_lightning.modules import PPOModule, RewardModule, SFTModule
+from rlhf_lightning.reward_scoring import score_sequences
+from rlhf_lightning.rollout import response_logprobs
+
+from .conftest import save_tiny_gpt2, write_lines
+from .test_ppo import fit, small_ppo
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the lora extra (peft) is not installed")
+
+EOS, PAD = 1, 0
+LORA = LoRASettings(r=4, alpha=8)
+# Two left-padded prompts and their responses (byte ids), with the attention mask.
+PROMPTS = torch.tensor([[PAD, 70, 71, 72], [73, 74, 75, 76]])
+RESPONSES = torch.tensor([[40, 41, EOS], [42, EOS, PAD]])
+INPUT_IDS = torch.cat([PROMPTS, RESPONSES], dim=1)
+ATTENTION = torch.cat([PROMPTS != PAD, torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)], dim=1).long()
+
+
+def is_adapter_key(name: str) -> bool:
+    return "lora_" in name
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> SimpleNamespace:
+    """A LoRA PPO run through Trainer.fit: 2 iterations of 4 optimiser steps, a checkpoint after
+    each iteration, the adapter also exported alone; the weights before it started."""
+    tmp = tmp_path_factory.mktemp("lora-ppo")
+    policy_dir = save_tiny_gpt2(tmp / "sft", byte_tokenizer())
+    seed_everything(0)
+    module = small_ppo(policy_dir, tmp, lora=LoRASettings(r=4, alpha=8, export_adapter=True))
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    checkpoints = ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer = fit(module, iterations=2, callbacks=[checkpoints])
+    return SimpleNamespace(tmp=tmp, policy_dir=policy_dir, module=module, trainer=trainer, before=before)
+
+
+@needs_peft
+def test_lora_ppo_trains_only_the_adapter_and_the_critic(lora_run):
+    after = lora_run.module.state_dict()
+    assert set(after) == set(lora_run.before)
+    changed = {k for k, v in after.items() if not torch.equal(v, lora_run.before[k])}
+    assert changed and all(is_adapter_key(k) or k.startswith("critic.") for k in changed), changed
+    assert any(is_adapter_key(k) for k in changed) and any(k.startswith("critic.") for k in changed)
+    base = [k for k in after if k.startswith("policy.") and not is_adapter_key(k)]
+    assert base and all(torch.equal(after[k], lora_run.before[k]) for k in base)  # bit-identical
+    # LoRA dropout is 0: recomputed log-probs equal the rollout's, also with a trained adapter.
+    assert lora_run.trainer.callback_metrics["policy/first_ratio_dev"].item() < 1e-5
+
+
+@needs_peft
+def test_reference_is_the_base_model_with_one_copy_of_its_weights(lora_run):
+    module = lora_run.module
+    assert not list(module.reference.parameters())
+    assert not any(k.startswith("reference.") for k in module.state_dict())
+    assert sum(p.numel() for p in module.parameters()) == sum(
+        p.numel() for m in (module.policy, module.critic) for p in m.parameters()
+    )
+    tokenizer = load_tokenizer(str(lora_run.policy_dir))
+    base = load_causal_lm(str(lora_run.policy_dir), tokenizer).eval()
+    logprobs, ref_logprobs, _ = module.rollout_loop().forward_statistics(INPUT_IDS, ATTENTION, RESPONSES.shape[1])
+    with torch.no_grad():
+        base_logprobs, _ = response_logprobs(base, INPUT_IDS, ATTENTION, RESPONSES.shape[1], 1.0)
+    torch.testing.assert_close(ref_logprobs, base_logprobs, atol=1e-6, rtol=0)
+    assert (logprobs - ref_logprobs).abs().max() > 1e-4  # the trained adapter is on for the policy
+    # Validation samples the reference through generate(): the base model's samples.
+    loop = module.rollout_loop()
+    prompt_mask = (PROMPTS != PAD).long()
+    reference = sample_responses(loop, module.reference, PROMPTS, prompt_mask, seed=3)
+    assert torch.equal(reference.response_ids, sample_responses(loop, base, PROMPTS, prompt_mask, seed=3).response_ids)
+
+
+@needs_peft
+def test_merged_export_reloads_in_plain_transformers_with_the_trained_logits(lora_run, monkeypatch):
+    from peft import PeftModel
+
+    folder = lora_run.tmp / "policy"
+    assert is_complete_hf_folder(folder) and not (folder / "adapter_config.json").exists()
+    with torch.no_grad():
+        trained = lora_run.module.policy(input_ids=INPUT_IDS).logits
+        base = AutoModelForCausalLM.from_pretrained(lora_run.policy_dir)
+        adapter = PeftModel.from_pretrained(base, folder / "adapter")(input_ids=INPUT_IDS).logits
+        monkeypatch.setitem(sys.modules, "peft", None)  # the merged folder needs no peft
+        merged = AutoModelForCausalLM.from_pretrained(folder)
+        assert type(merged) is GPT2LMHeadModel
+        exported = merged(input_ids=INPUT_IDS).logits
+        untrained = AutoModelForCausalLM.from_pretrained(lora_run.policy_dir)(input_ids=INPUT_IDS).logits
+    torch.testing.assert_close(exported, trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adapter, trained, atol=1e-5, rtol=0)
+    assert (exported - untrained).abs().max() > 1e-3  # the export is not the base model
+
+
+@needs_peft
+def test_checkpoint_holds_only_trained_weights_and_resumes_exactly(lora_run):
+    path = lora_run.tmp / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert any(k.startswith("critic.") for k in saved)
+    assert all(is_adapter_key(k) for k in saved if k.startswith("policy.")) and any(k.startswith("policy.") for k in saved)
+    assert not any(k.startswith("reference.") for k in saved)
+
+    resumed = small_ppo(lora_run.policy_dir, lora_run.tmp, lora=LORA, policy_export_dir=None, critic_export_dir=None)
+    resumed.hparams.max_iterations = 2
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(resumed, datamodule=PromptDataModule(batch_size=8, max_length=64), ckpt_path=path)
+    expected = lora_run.module.state_dict()
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_lora_without_peft_is_a_one_line_error_naming_the_key(monkeypatch, tmp_path: Path, byte_gpt2_dir: Path):
+    monkeypatch.setitem(sys.modules, "peft", None)
+    for module in (small_ppo(byte_gpt2_dir, tmp_path, lora=LORA), SFTModule(str(byte_gpt2_dir), lora=LORA)):
+        with pytest.raises(UserInputError) as error:
+            module.configure_model()
+        message = str(error.value)
+        assert "\n" not in message and "model.init_args.lora" in message and "pip install" in message
+
+
+def test_lora_dropout_is_refused_for_ppo(tmp_path: Path, byte_gpt2_dir: Path):
+    with pytest.raises(ValueError, match="lora.dropout must be 0"):
+        small_ppo(byte_gpt2_dir, tmp_path, lora=LoRASettings(dropout=0.1))
+
+
+def _changed_keys(module, before: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k, v in module.model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+@needs_peft
+def test_sft_lora_with_gradient_checkpointing_trains_the_adapter_and_exports_merged(tmp_path: Path, byte_gpt2_dir: Path):
+    records = [{"prompt": "Review: it was", "completion": " good. I liked the plot."}] * 16
+    module = SFTModule(str(byte_gpt2_dir), lora=LORA, gradient_checkpointing=True, learning_rate=1e-2, warmup_steps=0,
+                       export_dir=str(tmp_path / "sft"), num_samples=0)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    data = SFTDataModule(train_file=str(write_lines(tmp_path / "train.jsonl", records)), val_fraction=0.25,
+                         batch_size=4, max_length=64)
+    trainer = Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    changed = _changed_keys(module, before)
+    assert changed and all(is_adapter_key(k) for k in changed), changed
+    trainer.save_checkpoint(tmp_path / "sft.ckpt")
+    saved = torch.load(tmp_path / "sft.ckpt", weights_only=False)["state_dict"]
+    assert saved and all(is_adapter_key(k) for k in saved)
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")(input_ids=INPUT_IDS).logits
+        torch.testing.assert_close(exported, module.model(input_ids=INPUT_IDS).logits, atol=1e-5, rtol=0)
+
+
+@needs_peft
+def test_reward_lora_trains_adapter_and_score_head_and_exports_a_plain_reward_model(tmp_path: Path, byte_gpt2_dir: Path):
+    pairs = [{"prompt": "Review: The movie was", "chosen": " great.", "rejected": " awful."}] * 12
+    module = RewardModule(str(byte_gpt2_dir), lora=LORA, learning_rate=3e-3, warmup_steps=0,
+                          export_dir=str(tmp_path / "rm"), normalize=False)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    data = PreferenceDataModule(train_file=str(write_lines(tmp_path / "pairs.jsonl", pairs)), val_fraction=0.25, batch_size=4)
+    trainer = Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    changed = _changed_keys(module, before)
+    assert any(is_adapter_key(k) for k in changed) and any("score.modules_to_save" in k for k in changed), changed
+    assert all(is_adapter_key(k) or "score.modules_to_save" in k for k in changed), changed
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(score_sequences(plain, INPUT_IDS, ATTENTION), score_sequences(module.model, INPUT_IDS, ATTENTION),
+                               atol=1e-5, rtol=0)
