@@ -63,12 +63,14 @@ def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def write_configs(recipe: Path, run: Path, files: dict[str, Path], task: str, seed: int, oracle: bool,
-                  overrides: list[str], redo: list[str]) -> Path:
-    """The recipe's stage configs for one (task, seed) run; returns the pipeline config."""
+                  overrides: list[str], redo: list[str], ppo_config: Path | None = None) -> Path:
+    """The recipe's stage configs for one (task, seed) run; returns the pipeline config.
+    ``ppo_config`` replaces the recipe's ``ppo.yaml`` (another method's config)."""
     judge = f"rlhf_lightning.tasks.{task}.judge"
     paths = {}
     for stage, (train, val) in DATA.items():
-        config = replace_strings(yaml.safe_load((recipe / f"{stage}.yaml").read_text()), "outputs/demo", str(run))
+        source = ppo_config if stage == "ppo" and ppo_config is not None else recipe / f"{stage}.yaml"
+        config = replace_strings(yaml.safe_load(source.read_text()), "outputs/demo", str(run))
         config["seed_everything"] = seed
         config["data"]["init_args"].update(train_file=str(files[train]), val_file=str(files[val]), task=task)
         if stage != "sft":
@@ -109,9 +111,12 @@ def best_of_n_reference(run: Path, task: str, prompts: list[str], generation: Ge
     return result
 
 
-def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Path]) -> dict[str, Any]:
-    run = Path(args.out) / task / f"seed{seed}"
-    pipeline = write_configs(Path(args.recipe), run, files, task, seed, args.reward == "oracle", args.set, args.redo)
+def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Path], run: Path | None = None,
+            ppo_config: Path | None = None, best_of_n: bool = True) -> dict[str, Any]:
+    """One pipeline run (default folder ``<out>/<task>/seed<seed>``) and its row of the table."""
+    run = run or Path(args.out) / task / f"seed{seed}"
+    pipeline = write_configs(Path(args.recipe), run, files, task, seed, args.reward == "oracle", args.set, args.redo,
+                             ppo_config)
     started = time.perf_counter()
     if cli_main(["pipeline", "--config", str(pipeline)]) != 0:
         raise SystemExit(f"pipeline failed for {task} seed {seed}")
@@ -129,9 +134,9 @@ def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Pat
     }
     if row["rm_acc"] is not None and row["ceiling"] is not None:
         row["gap"] = 100 * (row["ceiling"] - row["rm_acc"])
-    if args.best_of_n_prompts:
-        ppo_config = yaml.safe_load((run / "configs" / "ppo.yaml").read_text())
-        generation = GenerationSettings(**(ppo_config["model"]["init_args"].get("generation") or {}))
+    if best_of_n and args.best_of_n_prompts:
+        written = yaml.safe_load((run / "configs" / "ppo.yaml").read_text())
+        generation = GenerationSettings(**(written["model"]["init_args"].get("generation") or {}))
         prompts = [r["prompt"] for r in get_task(task).prompt_records(args.best_of_n_prompts, "val")]
         row.update(best_of_n_reference(run, task, prompts, generation, seed, args.reward != "oracle"))
     (run / "suite_row.json").write_text(json.dumps(row, indent=2) + "\n")
@@ -142,25 +147,29 @@ COLUMNS = ("rm_acc", "ceiling", "gap", "win", "gold_sft", "gold_ppo", "bo16_judg
            "valid_sft", "valid_ppo", "kl", "rho_sft", "rho_ppo", "len_sft", "len_ppo", "seconds")
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], group_by: tuple[str, ...] = ("task",)) -> str:
+    """One line per row, then the mean over seeds of each ``group_by`` group."""
     def fmt(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    lines = ["| task | seed | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    labels = (*group_by, "seed")
+    lines = ["| " + " | ".join((*labels, *COLUMNS)) + " |", "|---" * (len(COLUMNS) + len(labels)) + "|"]
     for row in rows:
-        lines.append(f"| {row['task']} | {row['seed']} | " + " | ".join(fmt(row.get(k)) for k in COLUMNS) + " |")
-    for task in dict.fromkeys(r["task"] for r in rows):
-        mine = [r for r in rows if r["task"] == task]
+        lines.append("| " + " | ".join(fmt(row.get(k)) for k in (*labels, *COLUMNS)) + " |")
+    for group in dict.fromkeys(tuple(r[k] for k in group_by) for r in rows):
+        mine = [r for r in rows if tuple(r[k] for k in group_by) == group]
         means = []
         for key in COLUMNS:
             values = [r[key] for r in mine if r.get(key) is not None]
             means.append(fmt(statistics.mean(values)) if values else "-")
-        lines.append(f"| **{task}** | mean of {len(mine)} | " + " | ".join(means) + " |")
+        names = " | ".join(f"**{name}**" for name in group)
+        lines.append(f"| {names} | mean of {len(mine)} | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser(description: str | None) -> argparse.ArgumentParser:
+    """The suite's options (``benchmarks/methods.py`` adds its own)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=list(BUILTIN_TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--reward", choices=("model", "oracle"), default="model",
@@ -173,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best_of_n_prompts", type=int, default=100,
                         help=f"validation prompts for the best-of-{BEST_OF} reference (0: skip it)")
     parser.add_argument("--out", default="outputs/suite")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser(__doc__).parse_args(argv)
     rows = []
     for task in args.tasks:
         files = get_task(task, seed=0).write_files(Path(args.out) / "data" / task)

@@ -75,7 +75,7 @@ class NonFiniteGuard(HealthGuard):
 
     The module never applies such an update (``health/nonfinite_steps`` counts the skipped
     optimiser steps of an iteration). After ``restore_after`` failing iterations in a row the
-    guard puts back the policy, critic and optimiser state of the last good iteration (kept in
+    guard puts back the policy, critic (if any) and optimiser state of the last good iteration (kept in
     CPU memory every ``snapshot_every`` iterations; 0 keeps none), and after ``stop_after`` in a
     row it stops the run with :class:`TrainingHealthError`. Checkpoints already written stay as
     they are and no export happens, so nothing trained on NaN replaces a good model.
@@ -122,8 +122,14 @@ class NonFiniteGuard(HealthGuard):
         self.consecutive_failures, self.restores = state_dict["consecutive_failures"], state_dict["restores"]
 
 
+def _trained_models(pl_module: LightningModule) -> dict[str, torch.nn.Module]:
+    """The policy and, when the module has one, the critic."""
+    models = {"policy": pl_module.policy, "critic": pl_module.critic}
+    return {name: model for name, model in models.items() if model is not None}
+
+
 def _weights_finite(pl_module: LightningModule) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in (pl_module.policy, pl_module.critic) for p in m.parameters())
+    return all(bool(torch.isfinite(p).all()) for m in _trained_models(pl_module).values() for p in m.parameters())
 
 
 def _to_cpu(state: Any) -> Any:
@@ -132,18 +138,16 @@ def _to_cpu(state: Any) -> Any:
 
 
 def _snapshot(pl_module: LightningModule) -> dict[str, Any]:
-    """Policy, critic and optimiser state, in CPU memory (the optimiser moves its state back to
-    each parameter's device when it is loaded)."""
-    return {
-        "policy": _to_cpu(pl_module.policy.state_dict()),
-        "critic": _to_cpu(pl_module.critic.state_dict()),
-        "optimizer": _to_cpu(pl_module.optimizers().state_dict()),
-    }
+    """Policy, critic (if any) and optimiser state, in CPU memory (the optimiser moves its state
+    back to each parameter's device when it is loaded)."""
+    snapshot = {name: _to_cpu(model.state_dict()) for name, model in _trained_models(pl_module).items()}
+    snapshot["optimizer"] = _to_cpu(pl_module.optimizers().state_dict())
+    return snapshot
 
 
 def _restore(pl_module: LightningModule, snapshot: dict[str, Any]) -> None:
-    pl_module.policy.load_state_dict(snapshot["policy"])
-    pl_module.critic.load_state_dict(snapshot["critic"])
+    for name, model in _trained_models(pl_module).items():
+        model.load_state_dict(snapshot[name])
     pl_module.optimizers().load_state_dict(_to_cpu(snapshot["optimizer"]))
 
 
@@ -265,7 +269,9 @@ DEFAULT_GUARDS: tuple[type[HealthGuard], ...] = (
 )
 
 
-def default_guards(existing: list[Callback]) -> list[HealthGuard]:
-    """One guard of each default class that ``existing`` (the Trainer's callbacks) lacks."""
+def default_guards(existing: list[Callback], with_critic: bool = True) -> list[HealthGuard]:
+    """One guard of each default class that ``existing`` (the Trainer's callbacks) lacks; without
+    a critic (``with_critic`` False) no :class:`ExplainedVarianceGuard`."""
     present = {type(c) for c in existing}
-    return [guard() for guard in DEFAULT_GUARDS if not any(issubclass(p, guard) for p in present)]
+    wanted = [g for g in DEFAULT_GUARDS if with_critic or g is not ExplainedVarianceGuard]
+    return [guard() for guard in wanted if not any(issubclass(p, guard) for p in present)]

@@ -375,11 +375,13 @@ class PolicyLossStats:
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                cliprange: float = 0.2) -> tuple[Tensor, PolicyLossStats]:
-    """PPO clipped surrogate [PPO]: masked mean of max(-A * r, -A * clip(r, 1 - eps, 1 + eps)).
+                cliprange: float = 0.2, reduction: str = "token_mean",
+                max_length: int | None = None) -> tuple[Tensor, PolicyLossStats]:
+    """PPO clipped surrogate [PPO]: max(-A * r, -A * clip(r, 1 - eps, 1 + eps)) per token, reduced
+    with :func:`reduce_token_losses` (``reduction``, ``max_length``; default: the masked mean).
 
     Args: logprobs (b, t), with grad; old_logprobs, advantages, mask (b, t) from the rollout.
-    Returns: 0-dim loss and :class:`PolicyLossStats`.
+    Returns: 0-dim loss and :class:`PolicyLossStats` (token means whatever the reduction).
     """
     mask = mask.bool()
     adv = torch.where(mask, advantages, 0.0)
@@ -387,7 +389,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(log_ratio)
     pg_losses = -adv * ratio
     pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
+    loss = reduce_token_losses(torch.maximum(pg_losses, pg_losses_clipped), mask, reduction, max_length)
     with torch.no_grad():
         stats = PolicyLossStats(
             clipfrac=masked_mean((pg_losses_clipped > pg_losses).float(), mask),
@@ -421,7 +423,7 @@ def reduce_token_losses(values: Tensor, mask: Tensor, reduction: str = "token_me
 
     * ``sequence_mean``: the mean over each response's tokens, then over responses (GRPO [GRPO]
       eq. 3, ``1/G sum_i 1/|o_i| sum_t``): a token of a short response weighs more.
-    * ``token_mean``: the mean over every real token of the batch (as :func:`policy_loss`).
+    * ``token_mean``: the mean over every real token of the batch (the default of :func:`policy_loss`).
     * ``constant``: the sum over real tokens divided by ``b * max_length`` (Dr. GRPO [DrGRPO]: no
       per-response length normalisation); ``max_length`` defaults to ``t``. Pass the generation
       budget (``max_new_tokens``) to make the normaliser the same in every batch.

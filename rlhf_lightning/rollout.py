@@ -6,7 +6,10 @@ imported here, so a rollout can be run and tested on its own::
 
     prompts --generate--> responses (cut after the first EOS)
             --no-grad forwards--> policy logprobs, reference logprobs, critic values
-            --score_fn--> scores --shape_rewards--> per-token rewards --gae--> advantages
+            --score_fn--> scores --shape_rewards--> per-token rewards --estimator--> advantages
+
+The estimator is GAE with a critic (``gae``), or one of the critic-free ones (``reinforce_pp``,
+``rloo``, ``grpo``, ``dr_grpo``); :meth:`RolloutLoop.estimate_advantages` chooses.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ class Responses:
 
 ScoreFn = Callable[[Responses], Tensor]
 
+#: ``advantage_estimator`` values; the last three compare the responses to one prompt (a group).
+ADVANTAGE_ESTIMATORS = ("gae", "reinforce_pp", "rloo", "grpo", "dr_grpo")
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
+
 
 @dataclass
 class RolloutBatch:
@@ -79,7 +86,8 @@ class RolloutBatch:
 
     ``logprobs``/``values`` are the policy's and critic's at rollout time (the "old" ones of
     the PPO ratio), ``scores`` ``(b,)`` the reward after the missing-EOS rule, ``rewards`` the
-    shaped per-token rewards, ``advantages`` whitened GAE advantages.
+    shaped per-token rewards, ``advantages`` those of the loop's estimator (whitened GAE by
+    default). Without a critic ``values`` and ``returns`` are zeros.
     """
 
     prompt_ids: Tensor
@@ -148,12 +156,14 @@ class RolloutLoop:
     """Makes a :class:`RolloutBatch` from a batch of left-padded prompts.
 
     Args:
-        policy, reference, critic: the three models that see the policy's tokens.
+        policy, reference, critic: the three models that see the policy's tokens (``critic``
+            None for a critic-free estimator: the values are then zeros).
         score_fn: ``Responses -> (b,)`` scores (a reward model, a Python rule, a subclass hook).
         tokenizer: the policy's tokenizer (EOS, pad, decoding).
         generation: sampling settings.
         kl_estimator: ``k1`` (default), ``k2`` or ``k3`` for the per-token KL penalty.
-        gamma, lam: GAE discount and trace decay.
+        gamma, lam: GAE discount and trace decay (``gamma`` also discounts the returns-to-go
+            of ``reinforce_pp`` and ``rloo``).
         missing_eos_penalty, missing_eos_mode: what happens to the score of a response that
             never emitted EOS (``replace`` it, or ``subtract`` the penalty; None: nothing).
         score_clip: clip scores to ``[-score_clip, score_clip]`` (None: no clipping).
@@ -163,13 +173,14 @@ class RolloutLoop:
             other responses in its group before shaping
             (:func:`~rlhf_lightning.ppo_math.leave_one_out_scores`); ``RolloutBatch.scores``
             keeps the raw scores.
+        advantage_estimator: one of :data:`ADVANTAGE_ESTIMATORS` (see :meth:`estimate_advantages`).
         forward_batch_size: rows per no-grad forward, to bound memory on large batches.
         all_reduce: sums a tensor over processes (DDP), used to whiten advantages globally.
     """
 
     policy: PreTrainedModel
     reference: PreTrainedModel
-    critic: PreTrainedModel
+    critic: PreTrainedModel | None
     score_fn: ScoreFn
     tokenizer: PreTrainedTokenizerBase
     generation: GenerationSettings
@@ -181,6 +192,7 @@ class RolloutLoop:
     score_clip: float | None = None
     group_size: int = 1
     score_baseline: str = "none"
+    advantage_estimator: str = "gae"
     forward_batch_size: int = 16
     all_reduce: Callable[[Tensor], Tensor] | None = None
     synced_gpus: bool = False
@@ -200,7 +212,8 @@ class RolloutLoop:
 
     @torch.no_grad()
     def forward_statistics(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Policy log-probs, reference log-probs and critic values, ``(b, r)`` each, in chunks."""
+        """Policy log-probs, reference log-probs and critic values (zeros without a critic),
+        ``(b, r)`` each, in chunks."""
         temperature = self.generation.temperature
         parts: list[tuple[Tensor, Tensor, Tensor]] = []
         for start in range(0, input_ids.shape[0], self.forward_batch_size):
@@ -208,7 +221,10 @@ class RolloutLoop:
             mask = attention_mask[start : start + self.forward_batch_size]
             logprobs, _ = response_logprobs(self.policy, ids, mask, response_length, temperature)
             ref_logprobs, _ = response_logprobs(self.reference, ids, mask, response_length, temperature)
-            values = token_values(self.critic, ids, mask, response_length)
+            if self.critic is None:
+                values = torch.zeros_like(logprobs)
+            else:
+                values = token_values(self.critic, ids, mask, response_length)
             parts.append((logprobs, ref_logprobs, values))
         logprobs, ref_logprobs, values = (torch.cat(p) for p in zip(*parts))
         return logprobs, ref_logprobs, values
@@ -216,10 +232,37 @@ class RolloutLoop:
     def advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Advantages and returns ``(b, r)`` from shaped rewards and critic values.
 
-        GAE by default; override for another estimator. The advantages are whitened afterwards
-        (over all processes); the returns are the critic's regression targets.
+        GAE by default; override for another estimator with a critic. The advantages are
+        whitened afterwards (over all processes); the returns are the critic's regression targets.
         """
         return pm.gae(rewards, values, mask, self.gamma, self.lam)
+
+    def estimate_advantages(self, scores: Tensor, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The advantages of ``advantage_estimator`` and the returns, ``(b, r)`` each.
+
+        ``scores`` ``(b,)`` and the shaped ``rewards`` are those of :meth:`run` (for ``rloo``
+        the scores already lost their leave-one-out mean before shaping).
+
+        * ``gae``: :meth:`advantages`, whitened over the real tokens of all processes.
+        * ``reinforce_pp``, ``rloo``: the returns-to-go of ``rewards``, whitened the same way
+          (:func:`~rlhf_lightning.ppo_math.reinforce_pp_advantages`).
+        * ``grpo``, ``dr_grpo``: each response's group-normalised score on every one of its
+          tokens (:func:`~rlhf_lightning.ppo_math.grpo_advantages`; ``dr_grpo`` without the
+          std), not whitened again, as TRL's ``GRPOTrainer``.
+
+        Without a critic the returns are zeros (nothing regresses on them).
+        """
+        if self.advantage_estimator == "gae":
+            advantages, returns = self.advantages(rewards, values, mask)
+            return pm.masked_whiten(advantages, mask, all_reduce=self.all_reduce), returns
+        if self.advantage_estimator in ("reinforce_pp", "rloo"):
+            advantages = pm.reinforce_pp_advantages(rewards, mask, self.gamma, all_reduce=self.all_reduce)
+        elif self.advantage_estimator in ("grpo", "dr_grpo"):
+            outcome = pm.grpo_advantages(scores, self.group_size, scale_by_std=self.advantage_estimator == "grpo")
+            advantages = torch.where(mask.bool(), outcome.unsqueeze(-1), 0.0)
+        else:
+            raise ValueError(f"unknown advantage estimator {self.advantage_estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
+        return advantages, torch.zeros_like(advantages)
 
     def run(self, prompt_ids: Tensor, prompt_mask: Tensor, kl_coef: float) -> RolloutBatch:
         """One rollout on left-padded ``prompt_ids`` ``(b, p)`` with KL coefficient ``kl_coef``."""
@@ -241,12 +284,12 @@ class RolloutLoop:
         if self.score_clip is not None:
             scores = scores.clamp(-self.score_clip, self.score_clip)
 
-        shaped_scores = pm.leave_one_out_scores(scores, self.group_size) if self.score_baseline == "leave_one_out" else scores
+        leave_one_out = self.score_baseline == "leave_one_out" or self.advantage_estimator == "rloo"
+        shaped_scores = pm.leave_one_out_scores(scores, self.group_size) if leave_one_out else scores
         rewards, kl, non_score_reward = pm.shape_rewards(
             shaped_scores, logprobs, ref_logprobs, response_mask, kl_coef, self.kl_estimator
         )
-        advantages, returns = self.advantages(rewards, values, response_mask)
-        advantages = pm.masked_whiten(advantages, response_mask, all_reduce=self.all_reduce)
+        advantages, returns = self.estimate_advantages(shaped_scores, rewards, values, response_mask)
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
             logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores, contains_eos=contains_eos,

@@ -324,6 +324,17 @@ def test_policy_loss_hand_values_and_grad():
     close(logp.grad, [[0.0, -0.25, 0.0], [0.0, 0.55, 0.0]])
 
 
+def test_policy_loss_reductions_hand_values():
+    logp, old, adv, _ = _policy_case()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # rows of 2 and 1 real tokens
+    # per-token losses (see above): row 0 [-1.2, -1.0], row 1 [0.8]
+    close(policy_loss(logp, old, adv, mask)[0], (-1.2 - 1.0 + 0.8) / 3)  # token_mean, the default
+    close(policy_loss(logp, old, adv, mask, reduction="sequence_mean")[0], (-1.1 + 0.8) / 2)
+    loss, stats = policy_loss(logp, old, adv, mask, reduction="constant", max_length=4)
+    close(loss, (-1.2 - 1.0 + 0.8) / (2 * 4))
+    close(stats.clipfrac, 2 / 3)  # statistics stay token means: r=1.5 and r=0.5 (A=-1) are clipped
+
+
 def test_ratio_is_exactly_one_when_logprobs_equal_old():
     logp = torch.randn(3, 5)
     adv = torch.randn(3, 5)

@@ -65,3 +65,47 @@ def test_oracle_mode_and_overrides(tmp_path: Path):
     assert ppo["kl"]["coef"] == 0.05
     assert yaml.safe_load(Path(derived["reward"]).read_text())["trainer"]["max_steps"] == 7
     assert derived["redo"] == ["ppo"]
+
+
+def load_methods():
+    spec = importlib.util.spec_from_file_location("methods_benchmark", ROOT / "benchmarks" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: What a method's demo config may change in configs/demo/ppo.yaml: its estimator and what the
+#: estimator needs (samples per prompt, fewer prompts per batch, the KL in the loss), its output
+#: folders, and the critic's keys, which a critic-free method drops.
+METHOD_KEYS = {"model.init_args.ppo.advantage_estimator", "model.init_args.ppo.samples_per_prompt",
+               "data.init_args.batch_size", "model.init_args.kl.in_loss", "model.init_args.critic_export_dir",
+               "model.init_args.policy_export_dir", "trainer.logger.init_args.name",
+               "trainer.callbacks.0.init_args.dirpath"}
+CRITIC_KEYS = {"model.init_args.critic_learning_rate", "model.init_args.ppo.vf_coef", "model.init_args.ppo.cliprange_value"}
+
+
+def test_method_configs_differ_from_ppo_only_in_the_estimator():
+    methods = load_methods()
+    ppo = flatten(yaml.safe_load((ROOT / "configs" / "demo" / "ppo.yaml").read_text()))
+    for method in methods.METHODS:
+        mine = flatten(yaml.safe_load((ROOT / "configs" / "demo" / f"{method}.yaml").read_text()))
+        changed = {k for k in set(ppo) | set(mine) if ppo.get(k, "absent") != mine.get(k, "absent")}
+        assert changed <= METHOD_KEYS | CRITIC_KEYS, (method, changed - METHOD_KEYS - CRITIC_KEYS)
+        per_iteration = mine["data.init_args.batch_size"] * mine.get("model.init_args.ppo.samples_per_prompt", 1)
+        assert per_iteration == ppo["data.init_args.batch_size"], method  # the same episodes per iteration
+
+
+def test_methods_share_the_first_methods_stages(tmp_path: Path):
+    methods, suite = load_methods(), load_suite()
+    first, other = tmp_path / "menu" / "seed0" / "ppo", tmp_path / "menu" / "seed0" / "grpo"
+    for stage in ("tokenizer", "sft"):
+        (first / stage).mkdir(parents=True)
+    methods.link_shared_stages(first, other)
+    assert (other / "sft").resolve() == (first / "sft").resolve() and (other / "tokenizer").is_symlink()
+    assert not (other / "reward").exists()  # oracle runs have no reward stage to share
+    files = {name: tmp_path / f"{name}.jsonl" for name in
+             ("sft_train", "sft_val", "prefs_train", "prefs_val", "prompts_train", "prompts_val")}
+    pipeline = suite.write_configs(ROOT / "configs" / "demo", other, files, "menu", 0, False, [], [],
+                                   ROOT / "configs" / "demo" / "grpo.yaml")
+    ppo = yaml.safe_load(Path(yaml.safe_load(pipeline.read_text())["ppo"]).read_text())["model"]["init_args"]
+    assert ppo["ppo"]["advantage_estimator"] == "grpo" and ppo["policy_export_dir"] == str(other / "grpo" / "policy")

@@ -35,6 +35,8 @@ from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
 from ..rollout import (
+    ADVANTAGE_ESTIMATORS,
+    GROUP_ESTIMATORS,
     GenerationSettings,
     Responses,
     RolloutBatch,
@@ -50,9 +52,17 @@ from .export import check_export_dirs, export_at_fit_end
 class PPOSettings:
     """The PPO update. ``num_minibatches`` optimiser steps per epoch, each accumulated over
     ``gradient_accumulation_steps`` micro-batches. Each prompt of a batch is sampled
-    ``samples_per_prompt`` times (the rollout has ``batch_size * samples_per_prompt`` rows)."""
+    ``samples_per_prompt`` times (the rollout has ``batch_size * samples_per_prompt`` rows).
 
+    ``advantage_estimator``: ``gae`` (with a critic), or critic-free ``reinforce_pp``, ``rloo``,
+    ``grpo``, ``dr_grpo`` (:meth:`RolloutLoop.estimate_advantages`). ``loss_reduction`` turns the
+    per-token policy loss (and the k3 term of ``kl.in_loss``) into one number
+    (:func:`~rlhf_lightning.ppo_math.reduce_token_losses`); ``dr_grpo`` always uses ``constant``.
+    """
+
+    advantage_estimator: str = "gae"
     samples_per_prompt: int = 1
+    loss_reduction: str = "token_mean"
     epochs: int = 4
     num_minibatches: int = 4
     gradient_accumulation_steps: int = 1
@@ -68,12 +78,14 @@ class PPOSettings:
 @dataclass
 class KLSettings:
     """KL penalty ``beta``: fixed at ``coef``, or adaptive (Ziegler et al. 2019) when ``target``
-    (nats per response) is set."""
+    (nats per response) is set. ``in_loss``: ``beta * k3`` in the loss (GRPO) instead of
+    ``-beta * kl_t`` in the reward; ``estimator`` then only measures ``objective/kl``."""
 
     coef: float = 0.05
     estimator: str = "k1"
     target: float | None = None
     horizon: int = 10000
+    in_loss: bool = False
 
 
 @dataclass
@@ -118,7 +130,8 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
 
 
 class PPOModule(LightningModule):
-    """PPO with a policy, a frozen reference, a reward source and a critic.
+    """PPO with a policy, a frozen reference, a reward source and a critic (the critic only with
+    the default ``ppo.advantage_estimator: gae``; the critic-free estimators have none).
 
     Args:
         policy: the policy to train (usually the SFT export folder).
@@ -132,7 +145,10 @@ class PPOModule(LightningModule):
         reward_fn: ... or a Python callable ``(prompts, completions) -> scores`` (in YAML: its
             import path, e.g. ``rlhf_lightning.tasks.gold_rewards``).
         critic: the value model's initial weights (default: the reward model when it shares
-            the policy's tokenizer, else the policy with a new scalar head).
+            the policy's tokenizer, else the policy with a new scalar head). Only ``gae`` has a
+            critic: with a critic-free ``ppo.advantage_estimator`` none is built, trained,
+            checkpointed or exported (``critic``, ``critic_learning_rate``, ``critic_export_dir``
+            and the value settings are not read).
         learning_rate / critic_learning_rate: AdamW (eps 1e-5) learning rates, decayed by
             ``lr_scheduler`` over the run.
         max_iterations: stop after this many PPO iterations (None: the Trainer decides).
@@ -188,6 +204,23 @@ class PPOModule(LightningModule):
         if ppo.samples_per_prompt < 1 or (scores.baseline == "leave_one_out" and ppo.samples_per_prompt < 2):
             raise ValueError(f"ppo.samples_per_prompt must be >= 1 (>= 2 with scores.baseline leave_one_out), "
                              f"got {ppo.samples_per_prompt}")
+        estimator = ppo.advantage_estimator
+        if estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"ppo.advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+        if ppo.loss_reduction not in pm.LOSS_REDUCTIONS:
+            raise ValueError(f"ppo.loss_reduction must be one of {pm.LOSS_REDUCTIONS}, got {ppo.loss_reduction!r}")
+        if estimator in GROUP_ESTIMATORS and ppo.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage_estimator {estimator} compares the responses to one prompt: "
+                             f"ppo.samples_per_prompt must be >= 2, got {ppo.samples_per_prompt}")
+        if estimator in GROUP_ESTIMATORS and scores.baseline != "none":
+            raise ValueError(f"scores.baseline {scores.baseline} is for ppo.advantage_estimator gae or reinforce_pp: "
+                             f"{estimator} has its own baseline; set scores.baseline none")
+        if estimator == "dr_grpo" and ppo.loss_reduction == "sequence_mean":
+            raise ValueError("ppo.advantage_estimator dr_grpo uses the constant loss reduction: "
+                             "leave ppo.loss_reduction unset (sequence_mean is GRPO's)")
+        if estimator in ("grpo", "dr_grpo") and not kl.in_loss and kl.coef != 0:
+            raise ValueError(f"ppo.advantage_estimator {estimator} reads only the scores, so a KL penalty in the "
+                             "reward would be ignored: set kl.in_loss true (GRPO's k3 term) or kl.coef 0")
         if lora is not None and lora.dropout != 0:
             raise ValueError(f"lora.dropout must be 0 for PPO (recomputed log-probs must equal the rollout's), got {lora.dropout}")
         if lora is not None and reference not in (None, policy):
@@ -197,6 +230,7 @@ class PPOModule(LightningModule):
                             lora=None if lora is None else asdict(lora))
         self.lora = lora
         self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
+        self.loss_reduction = "constant" if estimator == "dr_grpo" else ppo.loss_reduction
         self.reward_fn = reward_fn
         self.judge = judge
         self.automatic_optimization = False
@@ -209,9 +243,15 @@ class PPOModule(LightningModule):
         self.last_nonfinite = ""  # what was non-finite in the last failing iteration
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.policy: PreTrainedModel | None = None
+        self.critic: PreTrainedModel | None = None
         self.eval_metrics = torch.nn.ModuleDict()
 
     # ----------------------------------------------------------------------------- models
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the advantage estimator has a critic (only ``gae``)."""
+        return self.ppo.advantage_estimator == "gae"
+
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
@@ -240,9 +280,9 @@ class PPOModule(LightningModule):
                 critic_source = hp.reward_model if same_tokenizer(reward_tokenizer, self.tokenizer) else hp.policy
         elif self.reward_fn is not None:
             self.reward_scorer = CallableScorer(self.reward_fn)
-        self.critic = load_sequence_scorer(critic_source or hp.policy, self.tokenizer)
+        if self.needs_critic:
+            self.critic = load_sequence_scorer(critic_source or hp.policy, self.tokenizer).train()
         self.policy.train()
-        self.critic.train()
         for name in ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
                      "gold_win_rate", "validity", "ref_validity"):
             self.eval_metrics[name] = MeanMetric()
@@ -264,7 +304,8 @@ class PPOModule(LightningModule):
             gamma=self.ppo.gamma, lam=self.ppo.lam, missing_eos_penalty=self.score_settings.missing_eos_penalty,
             missing_eos_mode=self.score_settings.missing_eos_mode, score_clip=self.score_settings.clip,
             group_size=self.ppo.samples_per_prompt, score_baseline=self.score_settings.baseline,
-            forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce,
+            advantage_estimator=self.ppo.advantage_estimator, forward_batch_size=self.hparams.forward_batch_size,
+            all_reduce=reduce,
         )
 
     def compute_scores(self, responses: Responses) -> Tensor:
@@ -289,7 +330,8 @@ class PPOModule(LightningModule):
         started = time.perf_counter()
         k = self.ppo.samples_per_prompt  # each prompt k times, in consecutive rows (one group)
         prompt_ids, prompt_mask = batch["prompt_ids"].repeat_interleave(k, 0), batch["prompt_mask"].repeat_interleave(k, 0)
-        rollout = self.rollout_loop().run(prompt_ids, prompt_mask, self.kl_controller.value)
+        reward_kl_coef = 0.0 if self.kl.in_loss else self.kl_controller.value  # in_loss: beta weighs k3 in the loss
+        rollout = self.rollout_loop().run(prompt_ids, prompt_mask, reward_kl_coef)
         rollout_seconds = time.perf_counter() - started
         nonfinite = rollout.nonfinite_fields()
         flag = torch.tensor(float(bool(nonfinite)), device=rollout.scores.device)
@@ -330,7 +372,7 @@ class PPOModule(LightningModule):
         mask = rollout.response_mask
         kl_sum = pm.masked_sum(rollout.kl, mask, dim=1)
         non_score = pm.masked_sum(rollout.non_score_reward, mask, dim=1)
-        return {
+        stats = {
             "objective/kl": kl_sum.mean(),
             "objective/entropy": pm.masked_sum(-rollout.logprobs, mask, dim=1).mean(),
             "objective/non_score_reward": non_score.mean(),
@@ -340,11 +382,14 @@ class PPOModule(LightningModule):
             "val/num_eos_tokens": (rollout.response_ids == self.tokenizer.eos_token_id).sum().float(),
             "val/response_length": mask.sum(1).float().mean(),
             "val/no_eos_rate": (~rollout.contains_eos).float().mean(),
-            "val/explained_variance": pm.explained_variance(rollout.values, rollout.returns, mask),
         }
+        if self.critic is not None:
+            stats["val/explained_variance"] = pm.explained_variance(rollout.values, rollout.returns, mask)
+        return stats
 
     def minibatch_loss(self, mini: RolloutBatch, with_entropy: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy.
+        """Clipped policy loss + ``vf_coef`` * clipped value loss (with a critic) + ``beta`` * k3 KL
+        to the reference (with ``kl.in_loss``) - ``entropy_coef`` * entropy.
 
         The entropy needs a softmax over the whole vocabulary; without an entropy bonus it is
         only a statistic, computed when ``with_entropy`` (the first epoch's minibatches).
@@ -353,12 +398,21 @@ class PPOModule(LightningModule):
         logprobs, logits = response_logprobs(
             self.policy, mini.input_ids, mini.attention_mask, response_length, self.generation.temperature
         )
-        values = token_values(self.critic, mini.input_ids, mini.attention_mask, response_length)
         mask = mini.response_mask
-        pg_loss, pg = pm.policy_loss(logprobs, mini.logprobs, mini.advantages, mask, self.ppo.cliprange)
-        vf_loss, vf_clipfrac = pm.value_loss(values, mini.values, mini.returns, mask, self.ppo.cliprange_value)
-        loss = pg_loss + self.ppo.vf_coef * vf_loss
-        stats = {}
+        reduction, max_length = self.loss_reduction, self.generation.max_new_tokens  # max_length: for "constant"
+        pg_loss, pg = pm.policy_loss(logprobs, mini.logprobs, mini.advantages, mask, self.ppo.cliprange,
+                                     reduction, max_length)
+        loss, stats = pg_loss, {}
+        if self.critic is not None:
+            values = token_values(self.critic, mini.input_ids, mini.attention_mask, response_length)
+            vf_loss, vf_clipfrac = pm.value_loss(values, mini.values, mini.returns, mask, self.ppo.cliprange_value)
+            loss = loss + self.ppo.vf_coef * vf_loss
+            stats.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac})
+        if self.kl.in_loss:  # GRPO's k3 term; padding set to 0 so its exponential cannot overflow
+            kl = pm.kl_penalty(torch.where(mask, logprobs, 0.0), mini.ref_logprobs, "k3")
+            kl_loss = pm.reduce_token_losses(kl, mask, reduction, max_length)
+            loss = loss + self.kl_controller.value * kl_loss
+            stats["loss/kl_avg"] = kl_loss.detach()
         if with_entropy or self.ppo.entropy_coef > 0:
             with torch.set_grad_enabled(self.ppo.entropy_coef > 0):
                 entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.generation.temperature), mask)
@@ -368,8 +422,6 @@ class PPOModule(LightningModule):
             "policy/approxkl_avg": pg.approxkl,
             "policy/clipfrac_avg": pg.clipfrac,
             "loss/policy_avg": pg_loss.detach(),
-            "loss/value_avg": vf_loss.detach(),
-            "val/clipfrac_avg": vf_clipfrac,
             "val/ratio": pg.ratio_mean,
             "val/ratio_var": pg.ratio_var,
             # |logp - old_logp| before any update must be ~0: checked on the first minibatch
@@ -440,14 +492,14 @@ class PPOModule(LightningModule):
         scheduler.step()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        critic_lr = self.hparams.critic_learning_rate
-        if critic_lr is None:
-            critic_lr = self.hparams.learning_rate
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.hparams.learning_rate}]
+        if self.critic is not None:
+            critic_lr = self.hparams.critic_learning_rate
+            if critic_lr is None:
+                critic_lr = self.hparams.learning_rate
+            groups.append({"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": critic_lr})
         optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.hparams.learning_rate},
-                {"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": critic_lr},
-            ],
+            groups,
             eps=1e-5,
             weight_decay=0.0,
         )
@@ -478,14 +530,16 @@ class PPOModule(LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        exports = {"policy_export_dir": self.hparams.policy_export_dir, "critic_export_dir": self.hparams.critic_export_dir}
+        exports = {"policy_export_dir": self.hparams.policy_export_dir}
+        if self.critic is not None:
+            exports["critic_export_dir"] = self.hparams.critic_export_dir
         check_export_dirs(self, exports, self.hparams.overwrite_export)
         use_atomic_checkpoints(self.trainer)
 
     def configure_callbacks(self) -> list[Callback]:
         if not self.hparams.get("health_guards", True):
             return []
-        return default_guards(self.trainer.callbacks)
+        return default_guards(self.trainer.callbacks, with_critic=self.needs_critic)
 
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -564,4 +618,5 @@ class PPOModule(LightningModule):
 
     def on_fit_end(self) -> None:
         export_at_fit_end(self, self.hparams.policy_export_dir, self.policy, self.tokenizer, self.lora)
-        export_at_fit_end(self, self.hparams.critic_export_dir, self.critic, self.tokenizer)
+        if self.critic is not None:
+            export_at_fit_end(self, self.hparams.critic_export_dir, self.critic, self.tokenizer)
