@@ -151,9 +151,19 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
 
 
 def _no_dropout(config: Any) -> None:
+    """Zero the config's dropout probabilities (the ones a model applies functionally)."""
     for attribute in DROPOUT_ATTRIBUTES:
         if isinstance(getattr(config, attribute, None), float):
             setattr(config, attribute, 0.0)
+
+
+def zero_dropout_modules(model: torch.nn.Module) -> None:
+    """Set ``p = 0`` on every dropout module of ``model``, whatever its config calls it: RLHF's
+    recomputed log-probs and values must equal the rollout's (and training mode must not
+    change a forward pass)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
 
 
 def _resize_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -193,6 +203,7 @@ def _load(auto_class: Any, name_or_path: str, tokenizer: PreTrainedTokenizerBase
             raise ModelLoadError(f"could not load a model config from '{name_or_path}': {err}") from err
         _no_dropout(config)
         model = auto_class.from_pretrained(name_or_path, config=config)
+    zero_dropout_modules(model)
     _resize_to_tokenizer(model, tokenizer)
     return model
 

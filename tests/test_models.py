@@ -87,3 +87,24 @@ def test_sequence_scorer_from_causal_lm_folder(llama_dir: Path):
     scorer = load_sequence_scorer(str(llama_dir), tokenizer)
     assert scorer.config.num_labels == 1
     assert scorer(torch.tensor([[3, 4, 5]])).logits.shape == (1, 1)
+
+
+def test_every_dropout_module_is_off_whatever_the_config_calls_it(tmp_path: Path, monkeypatch):
+    """A dropout the config-attribute list does not know (simulated by emptying the list) is still
+    off: two training-mode forwards give the same logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import rlhf_lightning.models as models
+
+    tokenizer = load_tokenizer("preset:tiny-gpt2")
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.5, embd_pdrop=0.5,
+                        attn_pdrop=0.5)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(models, "DROPOUT_ATTRIBUTES", ())
+    model = load_causal_lm(str(tmp_path / "m"), tokenizer).train()
+    assert model.config.resid_pdrop == 0.5  # the config still says 0.5 ...
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)  # ... but every dropout module is off
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.equal(model(ids).logits, model(ids).logits)

@@ -131,3 +131,23 @@ def test_task_command_writes_jsonl(tmp_path: Path):
     assert main(["task", "--out", str(tmp_path / "data")]) == 0
     names = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert names == sorted(f"{k}_{s}.jsonl" for k in ("sft", "prefs", "prompts") for s in ("train", "val"))
+
+
+def test_the_model_trains_in_training_mode_so_gradient_checkpointing_is_on(tmp_path: Path, bpe_gpt2_dir: Path):
+    """``from_pretrained`` returns a model in eval mode and Lightning keeps it; transformers only
+    checkpoints in training mode, so without ``train()`` gradient checkpointing is silently off."""
+    from lightning.pytorch import Callback
+
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((pl_module.model.training, pl_module.model.transformer.gradient_checkpointing))
+
+    train = write_lines(tmp_path / "train.jsonl", _records(16))
+    module = SFTModule(model_name_or_path=str(bpe_gpt2_dir), gradient_checkpointing=True, warmup_steps=0,
+                       export_dir=None)
+    data = SFTDataModule(train_file=str(train), val_fraction=0.25, batch_size=4, max_length=64)
+    Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[Record()]).fit(module, datamodule=data)
+    assert seen == [(True, True), (True, True)]

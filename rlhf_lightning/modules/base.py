@@ -60,7 +60,10 @@ class HFModelModule(LightningModule):
 
     def prepare_model(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
         """Apply the module-wide model options (gradient checkpointing, a LoRA adapter for
-        ``task_type``); use the model it returns."""
+        ``task_type``); use the model it returns. The model is put in training mode:
+        ``from_pretrained`` returns it in eval mode, Lightning keeps a module's mode, and
+        transformers checkpoints gradients only in training mode."""
+        model.train()
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
