@@ -18,6 +18,7 @@ DPO (``configs/demo/dpo.yaml``) is not in the table yet: the pipeline has no SFT
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -55,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             first = Path(args.out) / task / f"seed{seed}" / args.methods[0]
             for method in args.methods:
                 run = Path(args.out) / task / f"seed{seed}" / method
-                if run != first:
+                method_args = args
+                if run != first:  # the shared stages ran (or were redone) with the first method
                     link_shared_stages(first, run)
-                row = suite.run_one(args, task, seed, files, run=run, ppo_config=recipe / f"{method}.yaml",
+                    method_args = argparse.Namespace(**{**vars(args), "redo": [s for s in args.redo if s == "ppo"]})
+                row = suite.run_one(method_args, task, seed, files, run=run, ppo_config=recipe / f"{method}.yaml",
                                     best_of_n=run == first)
                 rows.append({"method": method, **row})
                 print(suite.table(rows, group_by=("task", "method")), flush=True)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import ppo_math as pm
 from .generation import decode_responses, generate_responses, sampling_config
-from .reward_scoring import position_ids_from_mask, scalar_head
+from .reward_scoring import hidden_states, position_ids_from_mask, scalar_head
 
 
 @dataclass
@@ -144,10 +144,7 @@ def response_logprobs(
 
 def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
     """Critic values ``(b, r)``: the scalar head on each position that predicts a response token."""
-    position_ids = position_ids_from_mask(attention_mask)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    hidden = hidden_states(model, input_ids, attention_mask)
     return scalar_head(model)(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
 
 

@@ -96,8 +96,7 @@ def test_fit_lowers_the_loss_keeps_the_reference_and_exports(tmp_path: Path, byt
     assert metrics["val/loss"].item() < LOG2 - 0.2  # log 2 at the start
     assert metrics["val/rewards/accuracies"].item() == 1.0
     assert metrics["val/rewards/chosen"].item() > metrics["val/rewards/rejected"].item()
-    assert metrics["val/rewards/margins"].item() == pytest.approx(
-        (metrics["val/rewards/chosen"] - metrics["val/rewards/rejected"]).item(), abs=1e-5)
+    assert metrics["val/rewards/margins"].item() > 0.1  # a learned margin, not the start's 0
 
     # The reference is the untouched initial model, frozen and out of the checkpoint.
     initial = AutoModelForCausalLM.from_pretrained(byte_gpt2_dir)
