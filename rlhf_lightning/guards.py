@@ -128,8 +128,16 @@ def _trained_models(pl_module: LightningModule) -> dict[str, torch.nn.Module]:
     return {name: model for name, model in models.items() if model is not None}
 
 
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``model``'s state dict that train (a LoRA policy's adapter, not its frozen
+    base: only those can turn non-finite, and only those need a copy)."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t for name, t in model.state_dict().items() if name in trainable}
+
+
 def _weights_finite(pl_module: LightningModule) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in _trained_models(pl_module).values() for p in m.parameters())
+    return all(bool(torch.isfinite(t).all()) for m in _trained_models(pl_module).values()
+               for t in _trainable_state(m).values())
 
 
 def _to_cpu(state: Any) -> Any:
@@ -138,16 +146,16 @@ def _to_cpu(state: Any) -> Any:
 
 
 def _snapshot(pl_module: LightningModule) -> dict[str, Any]:
-    """Policy, critic (if any) and optimiser state, in CPU memory (the optimiser moves its state
+    """The trained weights of policy and critic (if any) and the optimiser state, in CPU memory (the optimiser moves its state
     back to each parameter's device when it is loaded)."""
-    snapshot = {name: _to_cpu(model.state_dict()) for name, model in _trained_models(pl_module).items()}
+    snapshot = {name: _to_cpu(_trainable_state(model)) for name, model in _trained_models(pl_module).items()}
     snapshot["optimizer"] = _to_cpu(pl_module.optimizers().state_dict())
     return snapshot
 
 
 def _restore(pl_module: LightningModule, snapshot: dict[str, Any]) -> None:
     for name, model in _trained_models(pl_module).items():
-        model.load_state_dict(snapshot[name])
+        model.load_state_dict(snapshot[name], strict=False)  # the frozen weights never changed
     pl_module.optimizers().load_state_dict(_to_cpu(snapshot["optimizer"]))
 
 

@@ -198,3 +198,13 @@ def test_demo_config_fast_dev_run(tmp_path: Path, monkeypatch, byte_gpt2_dir: Pa
             "--model.init_args.generation.max_new_tokens=8", "--data.init_args.val_batch_size=4"]
     assert main(args) == 0  # the config passes the module's checks and trains one iteration
     assert not (tmp_path / f"outputs/demo/{demo}/policy").exists()  # smoke runs never export
+
+
+def test_a_bad_estimator_setting_is_one_line_naming_the_key(capsys):
+    from rlhf_lightning.cli import main
+
+    code = main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "grpo.yaml"),
+                 "--model.init_args.ppo.samples_per_prompt=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: model.init_args.ppo.advantage_estimator grpo") and "samples_per_prompt" in err

@@ -188,3 +188,22 @@ def test_reward_lora_trains_adapter_and_score_head_and_exports_a_plain_reward_mo
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     torch.testing.assert_close(score_sequences(plain, INPUT_IDS, ATTENTION), score_sequences(module.model, INPUT_IDS, ATTENTION),
                                atol=1e-5, rtol=0)
+
+
+@needs_peft
+def test_health_snapshot_of_a_lora_policy_holds_only_the_adapter_and_restores_it(lora_run):
+    """The NaN guard copies only what trains: with LoRA the adapter, not the frozen base."""
+    from rlhf_lightning import guards
+
+    module = lora_run.module
+    snapshot = guards._snapshot(module)
+    assert snapshot["policy"] and all(is_adapter_key(k) for k in snapshot["policy"])
+    trained = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            if p.requires_grad:
+                p.fill_(float("nan"))
+    assert not guards._weights_finite(module)
+    guards._restore(module, snapshot)
+    assert guards._weights_finite(module)
+    assert all(torch.equal(v, trained[k]) for k, v in module.policy.state_dict().items())

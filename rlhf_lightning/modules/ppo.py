@@ -198,33 +198,33 @@ class PPOModule(LightningModule):
     ) -> None:
         super().__init__()
         if kl.estimator not in pm.KL_ESTIMATORS:
-            raise ValueError(f"kl.estimator must be one of {pm.KL_ESTIMATORS}, got {kl.estimator!r}")
+            raise UserInputError(f"model.init_args.kl.estimator must be one of {pm.KL_ESTIMATORS}, got {kl.estimator!r}")
         if scores.baseline not in ("none", "leave_one_out"):
-            raise ValueError(f"scores.baseline must be 'none' or 'leave_one_out', got {scores.baseline!r}")
+            raise UserInputError(f"model.init_args.scores.baseline must be 'none' or 'leave_one_out', got {scores.baseline!r}")
         if ppo.samples_per_prompt < 1 or (scores.baseline == "leave_one_out" and ppo.samples_per_prompt < 2):
-            raise ValueError(f"ppo.samples_per_prompt must be >= 1 (>= 2 with scores.baseline leave_one_out), "
+            raise UserInputError(f"model.init_args.ppo.samples_per_prompt must be >= 1 (>= 2 with scores.baseline leave_one_out), "
                              f"got {ppo.samples_per_prompt}")
         estimator = ppo.advantage_estimator
         if estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"ppo.advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+            raise UserInputError(f"model.init_args.ppo.advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
         if ppo.loss_reduction not in pm.LOSS_REDUCTIONS:
-            raise ValueError(f"ppo.loss_reduction must be one of {pm.LOSS_REDUCTIONS}, got {ppo.loss_reduction!r}")
+            raise UserInputError(f"model.init_args.ppo.loss_reduction must be one of {pm.LOSS_REDUCTIONS}, got {ppo.loss_reduction!r}")
         if estimator in GROUP_ESTIMATORS and ppo.samples_per_prompt < 2:
-            raise ValueError(f"ppo.advantage_estimator {estimator} compares the responses to one prompt: "
+            raise UserInputError(f"model.init_args.ppo.advantage_estimator {estimator} compares the responses to one prompt: "
                              f"ppo.samples_per_prompt must be >= 2, got {ppo.samples_per_prompt}")
         if estimator in GROUP_ESTIMATORS and scores.baseline != "none":
-            raise ValueError(f"scores.baseline {scores.baseline} is for ppo.advantage_estimator gae or reinforce_pp: "
+            raise UserInputError(f"model.init_args.scores.baseline {scores.baseline} is for ppo.advantage_estimator gae or reinforce_pp: "
                              f"{estimator} has its own baseline; set scores.baseline none")
         if estimator == "dr_grpo" and ppo.loss_reduction == "sequence_mean":
-            raise ValueError("ppo.advantage_estimator dr_grpo uses the constant loss reduction: "
+            raise UserInputError("model.init_args.ppo.advantage_estimator dr_grpo uses the constant loss reduction: "
                              "leave ppo.loss_reduction unset (sequence_mean is GRPO's)")
         if estimator in ("grpo", "dr_grpo") and not kl.in_loss and kl.coef != 0:
-            raise ValueError(f"ppo.advantage_estimator {estimator} reads only the scores, so a KL penalty in the "
+            raise UserInputError(f"model.init_args.ppo.advantage_estimator {estimator} reads only the scores, so a KL penalty in the "
                              "reward would be ignored: set kl.in_loss true (GRPO's k3 term) or kl.coef 0")
         if lora is not None and lora.dropout != 0:
-            raise ValueError(f"lora.dropout must be 0 for PPO (recomputed log-probs must equal the rollout's), got {lora.dropout}")
+            raise UserInputError(f"model.init_args.lora.dropout must be 0 for PPO (recomputed log-probs must equal the rollout's), got {lora.dropout}")
         if lora is not None and reference not in (None, policy):
-            raise ValueError("with lora, the reference is the policy's base model: leave reference unset")
+            raise UserInputError("model.init_args.reference: with lora the reference is the policy's base model; leave reference unset")
         self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores", "lora"])
         self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores),
                             lora=None if lora is None else asdict(lora))
