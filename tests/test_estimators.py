@@ -87,6 +87,8 @@ def test_estimator_settings_are_checked(tmp_path: Path, byte_gpt2_dir: Path):
          "scores.baseline leave_one_out is for .* gae or reinforce_pp: grpo has its own baseline"),
         (dict(ppo=PPOSettings(advantage_estimator="dr_grpo", samples_per_prompt=2, loss_reduction="sequence_mean"),
               kl=KLSettings(in_loss=True)), "dr_grpo uses the constant loss reduction"),
+        (dict(ppo=PPOSettings(advantage_estimator="dr_grpo", samples_per_prompt=2, loss_reduction="token_mean"),
+              kl=KLSettings(in_loss=True)), "dr_grpo uses the constant loss reduction"),
         (dict(ppo=PPOSettings(advantage_estimator="grpo", samples_per_prompt=2)), "KL penalty in the reward would be ignored"),
     ]
     for overrides, message in cases:
@@ -99,6 +101,7 @@ def test_estimator_settings_are_checked(tmp_path: Path, byte_gpt2_dir: Path):
     dr_grpo = small_ppo(byte_gpt2_dir, tmp_path, ppo=PPOSettings(advantage_estimator="dr_grpo", samples_per_prompt=2),
                         kl=KLSettings(in_loss=True))
     assert dr_grpo.loss_reduction == "constant"
+    assert small_ppo(byte_gpt2_dir, tmp_path).loss_reduction == "token_mean"  # the default of the others
 
 
 def test_kl_in_the_loss_not_in_the_reward(tmp_path: Path, byte_gpt2_dir: Path):

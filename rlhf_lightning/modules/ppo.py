@@ -57,12 +57,13 @@ class PPOSettings:
     ``advantage_estimator``: ``gae`` (with a critic), or critic-free ``reinforce_pp``, ``rloo``,
     ``grpo``, ``dr_grpo`` (:meth:`RolloutLoop.estimate_advantages`). ``loss_reduction`` turns the
     per-token policy loss (and the k3 term of ``kl.in_loss``) into one number
-    (:func:`~rlhf_lightning.ppo_math.reduce_token_losses`); ``dr_grpo`` always uses ``constant``.
+    (:func:`~rlhf_lightning.ppo_math.reduce_token_losses`); None: the estimator's own (``constant``
+    for ``dr_grpo``, which refuses any other, ``token_mean`` for the rest).
     """
 
     advantage_estimator: str = "gae"
     samples_per_prompt: int = 1
-    loss_reduction: str = "token_mean"
+    loss_reduction: str | None = None
     epochs: int = 4
     num_minibatches: int = 4
     gradient_accumulation_steps: int = 1
@@ -207,7 +208,7 @@ class PPOModule(LightningModule):
         estimator = ppo.advantage_estimator
         if estimator not in ADVANTAGE_ESTIMATORS:
             raise UserInputError(f"model.init_args.ppo.advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
-        if ppo.loss_reduction not in pm.LOSS_REDUCTIONS:
+        if ppo.loss_reduction not in (None, *pm.LOSS_REDUCTIONS):
             raise UserInputError(f"model.init_args.ppo.loss_reduction must be one of {pm.LOSS_REDUCTIONS}, got {ppo.loss_reduction!r}")
         if estimator in GROUP_ESTIMATORS and ppo.samples_per_prompt < 2:
             raise UserInputError(f"model.init_args.ppo.advantage_estimator {estimator} compares the responses to one prompt: "
@@ -215,9 +216,9 @@ class PPOModule(LightningModule):
         if estimator in GROUP_ESTIMATORS and scores.baseline != "none":
             raise UserInputError(f"model.init_args.scores.baseline {scores.baseline} is for ppo.advantage_estimator gae or reinforce_pp: "
                              f"{estimator} has its own baseline; set scores.baseline none")
-        if estimator == "dr_grpo" and ppo.loss_reduction == "sequence_mean":
+        if estimator == "dr_grpo" and ppo.loss_reduction not in (None, "constant"):
             raise UserInputError("model.init_args.ppo.advantage_estimator dr_grpo uses the constant loss reduction: "
-                             "leave ppo.loss_reduction unset (sequence_mean is GRPO's)")
+                             f"leave ppo.loss_reduction unset (got {ppo.loss_reduction})")
         if estimator in ("grpo", "dr_grpo") and not kl.in_loss and kl.coef != 0:
             raise UserInputError(f"model.init_args.ppo.advantage_estimator {estimator} reads only the scores, so a KL penalty in the "
                              "reward would be ignored: set kl.in_loss true (GRPO's k3 term) or kl.coef 0")
@@ -230,7 +231,7 @@ class PPOModule(LightningModule):
                             lora=None if lora is None else asdict(lora))
         self.lora = lora
         self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
-        self.loss_reduction = "constant" if estimator == "dr_grpo" else ppo.loss_reduction
+        self.loss_reduction = ppo.loss_reduction or ("constant" if estimator == "dr_grpo" else "token_mean")
         self.reward_fn = reward_fn
         self.judge = judge
         self.automatic_optimization = False
