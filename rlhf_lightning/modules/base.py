@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights, use_atomic_checkpoints
 from ..lora import LoRASettings, add_adapter
-from ..models import ModelLoadError, load_tokenizer
+from ..models import ModelLoadError, load_causal_lm, load_tokenizer
 from ..optim import adamw, warmup_schedule
 from .export import check_export_dirs
 
@@ -70,6 +70,20 @@ class HFModelModule(LightningModule):
         if self.lora is not None:
             model = add_adapter(model, self.lora, "model.init_args.lora", task_type)
         return model
+
+    def load_frozen_reference(self, name_or_path: str) -> None:
+        """Load the frozen causal LM that :attr:`reference` returns (DPO's reference, the reward
+        stage's likelihood teacher). It is kept in a list, so it stays out of the state dict, the
+        optimiser and ``.to()``."""
+        self._reference = [load_causal_lm(name_or_path, self.tokenizer).eval().requires_grad_(False)]
+
+    @property
+    def reference(self) -> PreTrainedModel:
+        """The frozen reference of :meth:`load_frozen_reference`, on the model's device."""
+        reference = self._reference[0]
+        if reference.device != self.model.device:
+            reference.to(self.model.device)
+        return reference
 
     def optimized_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
         """Named parameters the optimiser trains (default: the model's)."""

@@ -81,7 +81,7 @@ class DPOModule(HFModelModule):
         check_dpo_settings(beta, loss_type, label_smoothing)
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
-        # Frozen, in a list so that it stays out of the state dict, the optimiser and .to().
+        # filled by load_frozen_reference (a list: out of the state dict, the optimiser and .to())
         self._reference: list[PreTrainedModel] = []
 
     def configure_model(self) -> None:
@@ -89,16 +89,7 @@ class DPOModule(HFModelModule):
             return
         hp = self.hparams
         self.model = self.prepare_model(load_causal_lm(hp.model_name_or_path, self.tokenizer))
-        reference = load_causal_lm(hp.reference_name_or_path or hp.model_name_or_path, self.tokenizer)
-        self._reference = [reference.eval().requires_grad_(False)]
-
-    @property
-    def reference(self) -> PreTrainedModel:
-        """The frozen reference, on the policy's device."""
-        reference = self._reference[0]
-        if reference.device != self.model.device:
-            reference.to(self.model.device)
-        return reference
+        self.load_frozen_reference(hp.reference_name_or_path or hp.model_name_or_path)
 
     def response_logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``log pi(response | prompt)`` ``(2b,)`` of every row under ``model``

@@ -14,7 +14,7 @@ from ..data.encoding import attention_mask_for, encode_preference, pad
 from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
 from ..evaluation import JudgeFn
 from ..lora import LoRASettings
-from ..models import load_causal_lm, load_sequence_scorer
+from ..models import load_sequence_scorer
 from ..reward_scoring import (
     REWARD_OFFSET_KEY,
     at_last_token,
@@ -125,7 +125,7 @@ class RewardModule(HFModelModule):
         self.judge = judge
         self.model: PreTrainedModel | None = None
         self.likelihood_head: torch.nn.Linear | None = None
-        # Frozen, in a list so that it stays out of the state dict, the optimiser and .to().
+        # filled by load_frozen_reference (a list: out of the state dict, the optimiser and .to())
         self._reference: list[PreTrainedModel] = []
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
@@ -147,8 +147,7 @@ class RewardModule(HFModelModule):
         setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
         self.model = self.prepare_model(self.model, task_type="SEQ_CLS")
         if self.hparams.likelihood_distillation_coef > 0:
-            reference = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
-            self._reference = [reference.eval().requires_grad_(False)]
+            self.load_frozen_reference(self.hparams.model_name_or_path)
             self.likelihood_head = torch.nn.Linear(self.model.config.hidden_size, 1)
 
     def optimized_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -179,11 +178,8 @@ class RewardModule(HFModelModule):
     ) -> torch.Tensor:
         """The auxiliary loss of ``likelihood_distillation_coef`` (see the class docstring), from
         the backbone's hidden states ``hidden`` ``(b, t, h)``."""
-        reference = self._reference[0]
-        if reference.device != input_ids.device:
-            reference.to(input_ids.device)
         with torch.no_grad():
-            logits = causal_lm_logits(reference, input_ids, attention_mask)
+            logits = causal_lm_logits(self.reference, input_ids, attention_mask)
             log_likelihoods, predicted = token_log_likelihoods(logits, input_ids, attention_mask)
         # The state after token i predicts how surprising token i was (i >= 1).
         surprise = self.likelihood_head(hidden[:, 1:]).squeeze(-1)
