@@ -21,7 +21,7 @@ from .data.encoding import attention_mask_for, encode_prompt, pad
 from .data.records import read_prompts, write_jsonl
 from .errors import UserInputError
 from .evaluation import sample_responses
-from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
+from .models import load_causal_lm, load_reward_model, load_tokenizer
 from .rewards import CallableScorer, RewardModelScorer
 from .rollout import GenerationSettings, Responses, RolloutLoop
 
@@ -89,7 +89,7 @@ def load_scorer(policy_dir: str, reward_model: str | None, reward_fn: str | None
 
         return CallableScorer(load_callable(reward_fn, "best-of-n: --reward_fn"))
     reward_tokenizer = load_tokenizer(reward_model)
-    model = load_sequence_scorer(reward_model, reward_tokenizer).eval()
+    model = load_reward_model(reward_model, reward_tokenizer, key="best-of-n: --reward_model").eval()
     return RewardModelScorer(model, reward_tokenizer, load_tokenizer(policy_dir))
 
 

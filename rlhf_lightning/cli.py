@@ -5,6 +5,8 @@
   ``class_path`` in YAML. ``--print_config`` after the subcommand prints a config that runs the
   same way.
 * ``rlhf-lightning pipeline --config configs/demo/pipeline.yaml``: SFT -> reward -> PPO and a report.
+* ``rlhf-lightning iterate --config configs/demo/iterate.yaml``: the online loop (sample, label,
+  refresh the reward model, optimise, repeat; :mod:`rlhf_lightning.iterate`).
 * ``rlhf-lightning task --name NAME --out DIR``: write a built-in task's JSONL files (to see the
   formats, or to train on them as files).
 * ``rlhf-lightning best-of-n --policy DIR --prompts FILE --n 16 ...``: rejection sampling
@@ -95,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pipeline import pipeline_command
 
             return pipeline_command(args[1:])
+        if args[:1] == ["iterate"]:
+            from .iterate import iterate_command
+
+            return iterate_command(args[1:])
         if args[:1] == ["label"]:
             from .labelling.cli import label_command
 

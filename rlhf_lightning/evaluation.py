@@ -14,8 +14,10 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 from . import ppo_math as pm
-from .data.encoding import attention_mask_for, encode_prompt, pad
+from .data.encoding import attention_mask_for, encode_preference, encode_prompt, pad
+from .data.records import Record
 from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
+from .reward_scoring import pair_accuracy, score_sequences
 from .rewards import RewardModelScorer, TextRewardFn
 from .rollout import GenerationSettings, Responses, RolloutLoop, response_logprobs
 
@@ -121,6 +123,22 @@ def compare_policies(
             row.update({key: values[i] for key, values in judged.items()})
             rows.append(row)
     return summarise(rows, kls), rows
+
+
+@torch.no_grad()
+def reward_model_accuracy(reward_model_dir: str, records: list[Record], max_length: int = 256, batch_size: int = 64) -> float:
+    """Share of preference ``records`` whose ``chosen`` the reward model at ``reward_model_dir``
+    scores above ``rejected`` (ties 0.5), each encoded as the reward stage encodes pairs."""
+    if not records:
+        raise ValueError("reward_model_accuracy needs at least one preference record")
+    tokenizer = load_tokenizer(reward_model_dir)
+    model = load_sequence_scorer(reward_model_dir, tokenizer)
+    pairs = [encode_preference(record, tokenizer, max_length) for record in records]
+    scores = {}
+    for side in ("chosen", "rejected"):
+        rows = [pair[side] for pair in pairs]
+        scores[side] = score_sequences(model, pad(rows, tokenizer.pad_token_id), attention_mask_for(rows), batch_size)
+    return pair_accuracy(scores["chosen"], scores["rejected"]).mean().item()
 
 
 def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, responses: Responses, temperature: float) -> torch.Tensor:

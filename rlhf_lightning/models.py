@@ -74,6 +74,20 @@ class ModelLoadError(UserInputError):
     """A model or tokenizer could not be loaded; the message names the path and a hint."""
 
 
+class UntrainedModelError(ModelLoadError):
+    """A setting that needs a trained reward model names one whose score head would be random."""
+
+    def __init__(self, key: str, name_or_path: str, why: str) -> None:
+        super().__init__(
+            f"{key}: '{name_or_path}' is not a trained reward model ({why}); hint: give the reward "
+            "stage's export folder (a *ForSequenceClassification model), not an SFT export or another causal LM"
+        )
+
+
+class ModelSaveError(UserInputError):
+    """A model folder could not be written (disk full, no permission); the message names it."""
+
+
 def is_preset(name_or_path: str) -> bool:
     return name_or_path.startswith(PRESET_PREFIX)
 
@@ -188,8 +202,15 @@ def preset_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> GPT2
     )
 
 
-def _load(auto_class: Any, name_or_path: str, tokenizer: PreTrainedTokenizerBase, **config_kwargs: Any) -> PreTrainedModel:
+def _load(
+    auto_class: Any, name_or_path: str, tokenizer: PreTrainedTokenizerBase, trained_key: str | None = None,
+    **config_kwargs: Any,
+) -> PreTrainedModel:
+    """With ``trained_key`` (the setting that names a model that must be trained, e.g. a reward
+    model), refuse one whose weights transformers would partly initialise at random."""
     if is_preset(name_or_path):
+        if trained_key:
+            raise UntrainedModelError(trained_key, name_or_path, "a preset's weights are all random")
         config = preset_config(name_or_path, tokenizer)
         for key, value in config_kwargs.items():
             setattr(config, key, value)
@@ -202,7 +223,12 @@ def _load(auto_class: Any, name_or_path: str, tokenizer: PreTrainedTokenizerBase
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a model config from '{name_or_path}': {err}") from err
         _no_dropout(config)
-        model = auto_class.from_pretrained(name_or_path, config=config)
+        model, loading = auto_class.from_pretrained(name_or_path, config=config, output_loading_info=True)
+        if trained_key and loading["missing_keys"]:
+            saved_as = ", ".join(config.architectures or ["a model"])
+            missing = ", ".join(sorted(loading["missing_keys"]))
+            why = f"it holds {saved_as}, whose {missing} would start at random"
+            raise UntrainedModelError(trained_key, name_or_path, why)
     zero_dropout_modules(model)
     _resize_to_tokenizer(model, tokenizer)
     return model
@@ -222,6 +248,15 @@ def load_sequence_scorer(name_or_path: str, tokenizer: PreTrainedTokenizerBase) 
     return _load(AutoModelForSequenceClassification, name_or_path, tokenizer, num_labels=1)
 
 
+def load_reward_model(
+    name_or_path: str, tokenizer: PreTrainedTokenizerBase, key: str = "model.init_args.reward_model"
+) -> PreTrainedModel:
+    """A trained reward model (:func:`load_sequence_scorer`) named by the setting ``key``; a
+    folder without a trained score head (an SFT export, any causal LM) or a preset raises
+    :class:`UntrainedModelError` instead of scoring with a random head."""
+    return _load(AutoModelForSequenceClassification, name_or_path, tokenizer, trained_key=key, num_labels=1)
+
+
 def save_hf_folder(
     path: str | os.PathLike[str],
     model: PreTrainedModel | None,
@@ -234,22 +269,32 @@ def save_hf_folder(
     The folder is written under a temporary sibling name and renamed into place once complete;
     an existing folder at ``path`` is replaced only then (moved aside, the new one renamed in,
     the old one deleted). A crash leaves ``.tmp-*`` / ``.old-*`` siblings at worst, never a
-    folder at ``path`` that looks finished but is not.
+    folder at ``path`` that looks finished but is not. A failed write (a full disk) raises
+    :class:`ModelSaveError` naming the folder; the staging folder is removed.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         if model is not None:
             model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             retired = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
             os.replace(target, retired)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                os.replace(retired, target)
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
+    except OSError as err:
+        raise ModelSaveError(
+            f"could not write the model folder '{target}': {err.strerror or err}; what was there before is "
+            "left as it was; hint: free disk space or choose a folder you can write to, then run again"
+        ) from err
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -12,10 +12,11 @@ SFT policy on held-out prompts and writes ``summary.json``, ``report.md`` and pl
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -27,6 +28,7 @@ from .rollout import GenerationSettings
 from .tokenizer_training import DEFAULT_VOCAB_SIZE, train_tokenizer_folder
 
 STAGES = ("sft", "reward", "ppo")
+T = TypeVar("T")
 TOKENIZER = "tokenizer"
 
 
@@ -131,21 +133,30 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
     }
 
 
-def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Run (or skip) each stage, then evaluate and write the report; returns the summary."""
-    from .cli import RLHFCLI
-
+def run_pipeline(config: PipelineConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or skip) each stage, then evaluate and write the report; returns the summary (with
+    ``extra``'s keys added)."""
     unknown = set(config.redo) - {TOKENIZER, *STAGES}
     if unknown:
         raise ValueError(f"redo: unknown stage(s) {sorted(unknown)}; choose from {(TOKENIZER, *STAGES)}")
     load_judge(config.judge)  # a wrong import path fails now, not after the stages
     outputs = stage_outputs(config)
     commands = stage_commands(config, outputs)
-    timings: dict[str, float | None] = {}
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    timings = run_stages(config, outputs, commands, rerun=prepare_tokenizer(config))
+    return finish(config, outputs, timings, extra)
+
+
+def run_stages(config: PipelineConfig, outputs: dict[str, str], commands: dict[str, list[str]],
+               rerun: bool = False) -> dict[str, float | None]:
+    """Run each stage of ``outputs`` (in order) with its ``fit`` arguments, unless its output
+    folder is complete and nothing before it ran (``rerun``) or ``redo`` names it; returns the
+    seconds each stage took (None: skipped)."""
+    from .cli import RLHFCLI
+
+    timings: dict[str, float | None] = {}
     # once a stage runs, every later stage runs too: its inputs changed
-    rerun = prepare_tokenizer(config)
-    for stage in pipeline_stages(config):
+    for stage in outputs:
         rerun = rerun or stage in config.redo or not is_complete_hf_folder(outputs[stage])
         if not rerun:
             print(f"[pipeline] {stage}: {outputs[stage]} is complete, skipping (redo with --redo '[{stage}]')")
@@ -159,13 +170,31 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         timings[stage] = round(time.perf_counter() - started, 1)
         if not is_complete_hf_folder(outputs[stage]):
             raise RuntimeError(f"stage {stage} finished without writing {outputs[stage]}")
+    return timings
+
+
+def finish(config: PipelineConfig, outputs: dict[str, str], timings: dict[str, float | None],
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the PPO policy against the SFT policy, then write ``summary.json`` (atomically,
+    last: it marks a finished run) and ``report.md`` into ``run_dir`` and print the table. The
+    evaluation's seconds join ``timings`` (the stages' seconds) as ``evaluate``; ``outputs`` (the
+    stages' export folders) are kept in the summary."""
+    started = time.perf_counter()
     summary = evaluate(config, outputs)
-    summary["stage_seconds"] = timings
+    summary.update(stage_seconds={**timings, "evaluate": round(time.perf_counter() - started, 1)}, outputs=outputs,
+                   **(extra or {}))
     run_dir = Path(config.run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_report(run_dir, summary, read_scalars(run_dir))
+    write_json(run_dir / "summary.json", summary)
     print_table(summary)
     return summary
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON, atomically (temporary file, then rename)."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, path)
 
 
 def load_judge(path: str | None) -> Any:
@@ -175,13 +204,12 @@ def load_judge(path: str | None) -> Any:
     return None if path is None else load_callable(path, "pipeline: judge")
 
 
-def validation_records(config_path: str) -> list[dict[str, Any]]:
-    """The validation records of a stage config's data module (its files, split or task)."""
+def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training and validation records of a stage config's data module (its files, split or task)."""
     from .tasks import import_object
 
     data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")).get("data") or {}
-    datamodule = import_object(data["class_path"])(**(data.get("init_args") or {}))
-    return datamodule.load_records()[1]
+    return import_object(data["class_path"])(**(data.get("init_args") or {})).load_records()
 
 
 def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
@@ -191,7 +219,7 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     from .tasks import label_agreement
 
     judge = load_judge(config.judge)
-    records = read_prompts(config.eval_prompts) if config.eval_prompts else validation_records(config.ppo)
+    records = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(config.ppo)[1]
     prompts = [r["prompt"] for r in records]
     if not prompts:
         raise UserInputError(f"{config.ppo}: no validation prompts for the final comparison; hint: set eval_prompts")
@@ -204,7 +232,7 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
     # (no reward stage: an old reward sub-run left in run_dir is not this run's)
     reward = {k: v for k, v in final.get("reward", {}).items() if k.startswith("val/") and "reward" in outputs}
-    held_out = validation_records(config.reward) if judge is not None and "reward" in outputs else []
+    held_out = datamodule_records(config.reward)[1] if judge is not None and "reward" in outputs else []
     if held_out:
         # The accuracy a perfect reward model (one that ranks like the judge) would reach on
         # the noisy held-out labels.
@@ -243,11 +271,16 @@ def print_table(summary: dict[str, Any]) -> None:
     print("\n".join(f"{name:<{width}}  {fmt(value)}" for name, value in lines))
 
 
-def pipeline_command(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="rlhf-lightning pipeline", description=__doc__, default_config_files=[])
+def parse_settings(cls: type[T], prog: str, description: str | None, argv: list[str]) -> T:
+    """The dataclass ``cls`` from ``--config FILE`` and ``--field value`` options (jsonargparse)."""
+    parser = ArgumentParser(prog=prog, description=description, default_config_files=[])
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_class_arguments(PipelineConfig, as_positional=False)
+    parser.add_class_arguments(cls, as_positional=False)
     namespace = parser.parse_args(argv)
     namespace.pop("config", None)
-    run_pipeline(PipelineConfig(**namespace.as_dict()))
+    return cls(**namespace.as_dict())
+
+
+def pipeline_command(argv: list[str]) -> int:
+    run_pipeline(parse_settings(PipelineConfig, "rlhf-lightning pipeline", __doc__, argv))
     return 0

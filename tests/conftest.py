@@ -74,3 +74,11 @@ def write_lines(path: Path, lines: list) -> Path:
     """Write JSONL: dicts are dumped, strings written as they are (for malformed lines)."""
     path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def round_zero(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished round 0 of ``rlhf-lightning iterate`` on tiny settings (tests/test_iterate.py)."""
+    from tests.test_iterate import finished_round_zero
+
+    return finished_round_zero(tmp_path_factory.mktemp("stages"))

@@ -8,15 +8,22 @@ written is lost. The parameter ids are the row names of the table.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from lightning.pytorch import Callback
+from transformers import PreTrainedModel
+
 from rlhf_lightning.cli import RLHFCLI, main
+from rlhf_lightning.data.records import read_preferences, read_prompts, read_sft, write_jsonl
 from rlhf_lightning.models import (
     byte_tokenizer,
     is_complete_hf_folder,
@@ -24,6 +31,7 @@ from rlhf_lightning.models import (
     load_tokenizer,
     save_hf_folder,
 )
+from rlhf_lightning.modules.export import ExportBusyError, FolderLock
 
 from .conftest import bpe_tokenizer_without_pad, save_tiny_gpt2, write_lines
 
@@ -125,6 +133,17 @@ DATA_ROWS = {
     "prompts-too-long-all": ("sft", [{"prompt": "p" * 20, "completion": " x"}] * 2, 8,
                              [": no usable record after truncation to max_length=8",
                               "hint: raise data.init_args.max_length"]),
+    "json-array": ("sft", (json.dumps([GOOD_SFT, GOOD_SFT]) + "\n").encode(), 64,
+                   [":1: the file is a JSON array; expected JSON Lines, one object per line",
+                    "hint: convert it, e.g. jq -c '.[]' file.json > file.jsonl"]),
+    "json-array-indented": ("reward", ("\n" + json.dumps([PREF, PREF], indent=2) + "\n").encode(), 64,
+                            [":2: the file is a JSON array; expected JSON Lines"]),
+    "chat-prompt-blank-user": ("ppo", [{"prompt": "Review:"},
+                                       {"messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": " \n "}]}], 64,
+                               [":2: field 'messages[1].content': empty string (a user turn with no text to answer)"]),
+    "chat-prompt-empty-user": ("ppo", [{"prompt": [{"role": "user", "content": ""}]}], 64,
+                               [":1: field 'prompt[0].content': empty string"]),
 }
 
 
@@ -231,6 +250,7 @@ def test_misspelt_config_key(key: str, tmp_path: Path, capsys):
 
 
 EXPORT_KEYS = {"sft": "export_dir", "reward": "export_dir", "ppo": "policy_export_dir"}
+STAGE_DATA = {"sft": [GOOD_SFT] * 2, "reward": [PREF] * 2, "ppo": [{"prompt": "Hi"}] * 2}  # enough for one step
 
 
 @pytest.mark.parametrize("stage", list(EXPORT_KEYS), ids=[f"export-dir-finished-{s}" for s in EXPORT_KEYS])
@@ -239,8 +259,7 @@ def test_finished_export_is_refused(stage: str, tmp_path: Path, capsys):
     finished = save_tiny_gpt2(tmp_path / "export", byte_tokenizer())
     assert is_complete_hf_folder(finished)
     before = snapshot(finished)
-    data = [GOOD_SFT, GOOD_SFT] if stage == "sft" else [PREF, PREF] if stage == "reward" else [{"prompt": "Hi"}] * 2
-    config = stage_config(tmp_path, stage, write_lines(tmp_path / "data.jsonl", data),
+    config = stage_config(tmp_path, stage, write_lines(tmp_path / "data.jsonl", STAGE_DATA[stage]),
                           trainer=dict(fast_dev_run=False, max_steps=1))
     status, error = run_fit(config, capsys)
     assert status == 2
@@ -258,3 +277,171 @@ def test_overwrite_export_replaces_finished_folder(tmp_path: Path, capsys):
                           trainer=dict(fast_dev_run=False, max_steps=1))
     assert run_fit(config, capsys, "--model.init_args.overwrite_export=true") == (0, "")
     assert is_complete_hf_folder(finished) and snapshot(finished) != before
+
+
+def test_jsonl_with_utf8_bom_loads(tmp_path: Path):
+    """A BOM that an editor wrote before the first line is skipped; line numbers stay right."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_SFT).encode() + b"\n" + json.dumps(GOOD_SFT).encode() + b"\n")
+    assert read_sft(path) == [GOOD_SFT, GOOD_SFT]
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: bytes that are not UTF-8"):
+        read_sft(path)
+
+
+SEPARATORS = "\u2028\u2029\x85\x1c\x1d\x1e\x0b\x0c\r"
+
+
+def test_line_separators_inside_strings_round_trip(tmp_path: Path):
+    """``write_jsonl`` keeps U+2028, U+0085 ... unescaped inside strings; they are no line end."""
+    text = "".join(f"a{c}b" for c in SEPARATORS)
+    files = {
+        read_sft: [{"prompt": text, "completion": text}, {"text": text}],
+        read_preferences: [{"prompt": text, "chosen": text + "!", "rejected": text}],
+        read_prompts: [{"prompt": text}, {"messages": [{"role": "user", "content": text}]}],
+    }
+    for read, records in files.items():
+        path = write_jsonl(tmp_path / f"{read.__name__}.jsonl", records)
+        assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, so the reader must cope
+        assert read(path) == records
+
+
+def test_causal_lm_as_reward_model(tmp_path: Path, capsys):
+    """An SFT export (a causal LM) as PPO's reward_model would score with a random head: refused."""
+    sft = save_tiny_gpt2(tmp_path / "sft", byte_tokenizer())
+    prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "Review: The movie was"}] * 2)
+    config = stage_config(tmp_path, "ppo", prompts, model=dict(reward_fn=None, reward_model=str(sft)),
+                          trainer=dict(fast_dev_run=False, max_steps=1))
+    status, error = run_fit(config, capsys)
+    assert status == 2
+    assert error.startswith(
+        f"error: model.init_args.reward_model: '{sft}' is not a trained reward model (it holds GPT2LMHeadModel, "
+        "whose score.weight would start at random); hint: give the reward stage's export folder")
+    assert not (tmp_path / "export").exists()
+
+
+# id: (stage, model init_args, data init_args, the error line after "error: ")
+SETTING_ROWS = {
+    "max-new-tokens-0": ("ppo", dict(generation=dict(max_new_tokens=0)), {},
+                         "model.init_args.generation.max_new_tokens must be >= 1, got 0"),
+    "temperature-0": ("ppo", dict(generation=dict(max_new_tokens=4, temperature=0.0)), {},
+                      "model.init_args.generation.temperature must be > 0, got 0.0"),
+    "ppo-epochs-0": ("ppo", dict(ppo=dict(epochs=0)), {}, "model.init_args.ppo.epochs must be >= 1, got 0"),
+    "ppo-num-minibatches-0": ("ppo", dict(ppo=dict(num_minibatches=0)), {},
+                              "model.init_args.ppo.num_minibatches must be >= 1, got 0"),
+    "ppo-cliprange-negative": ("ppo", dict(ppo=dict(cliprange=-0.2)), {},
+                               "model.init_args.ppo.cliprange must be >= 0, got -0.2"),
+    "kl-coef-negative": ("ppo", dict(kl=dict(coef=-0.05)), {}, "model.init_args.kl.coef must be >= 0, got -0.05"),
+    "batch-size-0": ("sft", {}, dict(batch_size=0), "data.init_args.batch_size must be >= 1, got 0"),
+    "val-batch-size-0": ("reward", {}, dict(val_batch_size=0), "data.init_args.val_batch_size must be >= 1, got 0"),
+    "max-length-0": ("ppo", {}, dict(max_length=0), "data.init_args.max_length must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("row", list(SETTING_ROWS))
+def test_bad_setting(row: str, tmp_path: Path, capsys):
+    """Refused when the config is turned into objects, before any data or model is read."""
+    stage, model, data, message = SETTING_ROWS[row]
+    config = stage_config(tmp_path, stage, tmp_path / "not-read.jsonl", model=model, data=data,
+                          trainer=dict(fast_dev_run=False, max_steps=1))
+    assert run_fit(config, capsys) == (2, f"error: {message}")
+    assert not (tmp_path / "export").exists()
+
+
+def test_disk_full_during_export(tmp_path: Path, capsys, monkeypatch):
+    """ENOSPC while writing the export: one line naming the folder; the previous model survives
+    and nothing half-written is left behind."""
+    finished = save_tiny_gpt2(tmp_path / "export", byte_tokenizer(), seed=1)
+    before = snapshot(finished)
+
+    def save_until_full(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder) / "model.safetensors"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_until_full)
+    config = stage_config(tmp_path, "sft", write_lines(tmp_path / "data.jsonl", [GOOD_SFT] * 2),
+                          trainer=dict(fast_dev_run=False, max_steps=1))
+    status, error = run_fit(config, capsys, "--model.init_args.overwrite_export=true")
+    assert status == 2
+    assert error.startswith(f"error: could not write the model folder '{finished}': No space left on device; "
+                            "what was there before is left as it was; hint: free disk space")
+    assert snapshot(finished) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no .tmp-*, no lock
+
+
+@pytest.mark.parametrize("stage", list(EXPORT_KEYS), ids=[f"export-dir-in-use-{s}" for s in EXPORT_KEYS])
+def test_export_folder_in_use_is_refused(stage: str, tmp_path: Path, capsys):
+    """A second fit into a folder that another run is writing stops at setup, naming the folder."""
+    folder = tmp_path / "export"
+    holder = FolderLock(folder)
+    holder.acquire()
+    config = stage_config(tmp_path, stage, write_lines(tmp_path / "data.jsonl", STAGE_DATA[stage]),
+                          trainer=dict(fast_dev_run=False, max_steps=1))
+    try:
+        status, error = run_fit(config, capsys)
+    finally:
+        holder.release()
+    assert status == 2
+    key = EXPORT_KEYS[stage]
+    assert error == (f"error: model.init_args.{key}: '{folder}' is being written by another run (pid {os.getpid()}); "
+                     f"hint: wait for that run to end, or choose another {key}")
+    assert not folder.exists()
+
+
+def test_folder_lock_is_exclusive_and_released(tmp_path: Path, capsys):
+    """Two locks on one folder conflict even in one process; a fit holds its lock until it ends."""
+    folder = tmp_path / "export"
+    first, second = FolderLock(folder), FolderLock(f"{folder}/")  # the same folder, spelt two ways
+    first.acquire()
+    with pytest.raises(ExportBusyError, match=rf"model\.init_args\.export_dir: '.*export/' is being written by another "
+                                              rf"run \(pid {os.getpid()}\)"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again once released
+    second.release()
+    assert not (tmp_path / ".export.lock").exists()
+
+    callback = dict(class_path=f"{__name__}.CheckFolderLocked", init_args=dict(folder=str(folder)))
+    config = stage_config(tmp_path, "sft", write_lines(tmp_path / "data.jsonl", [GOOD_SFT] * 2),
+                          trainer=dict(fast_dev_run=False, max_steps=1, callbacks=[callback]))
+    cli = RLHFCLI(args=["fit", "--config", str(config)])
+    assert [c.locked for c in cli.trainer.callbacks if isinstance(c, CheckFolderLocked)] == [True]
+    assert is_complete_hf_folder(folder) and not (tmp_path / ".export.lock").exists()
+    first.acquire()  # released when the fit ended
+    first.release()
+
+
+class CheckFolderLocked(Callback):
+    """Records whether ``folder`` is locked (by the running fit) when training ends."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.locked = folder, False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with pytest.raises(ExportBusyError):
+            FolderLock(self.folder).acquire()
+        self.locked = True
+
+
+class FinishFolderDuringFit(Callback):
+    """Writes a finished model to ``folder`` when training ends: a run that took no lock."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        save_tiny_gpt2(Path(self.folder), byte_tokenizer(), seed=2)
+
+
+def test_folder_finished_during_fit_is_not_replaced(tmp_path: Path, capsys):
+    """The finished-model rule is checked again just before export, not only at the start."""
+    folder = tmp_path / "export"
+    callback = dict(class_path=f"{__name__}.FinishFolderDuringFit", init_args=dict(folder=str(folder)))
+    config = stage_config(tmp_path, "sft", write_lines(tmp_path / "data.jsonl", [GOOD_SFT] * 2),
+                          trainer=dict(fast_dev_run=False, max_steps=1, callbacks=[callback]))
+    status, error = run_fit(config, capsys)
+    assert status == 2
+    assert error.startswith(f"error: model.init_args.export_dir: '{folder}' already holds a finished model")
+    expected = save_tiny_gpt2(tmp_path / "expected", byte_tokenizer(), seed=2)
+    assert snapshot(folder) == snapshot(expected)  # what the other run wrote, untouched

@@ -154,14 +154,16 @@ def test_loopback_detection() -> None:
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.org"]))
 
 
-def test_serving_other_machines_generates_a_token(tmp_path: Path, monkeypatch, capsys) -> None:
+def serve_with_a_stub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *options: str) -> dict:
+    """``rlhf-lightning label --candidates ... OPTIONS`` on a stub server that stops at once (as
+    Ctrl-C would); returns what it served: ``app``, ``host``, ``closed``."""
     served = {}
 
     class StubServer:
         port = 8123
 
         def serve_forever(self) -> None:
-            raise KeyboardInterrupt  # as Ctrl-C would
+            raise KeyboardInterrupt
 
         def server_close(self) -> None:
             served["closed"] = True
@@ -174,12 +176,30 @@ def test_serving_other_machines_generates_a_token(tmp_path: Path, monkeypatch, c
     monkeypatch.setattr(label_cli, "make_server", stub_make_server)
     candidates = write_candidates(tmp_path / "c.jsonl")
     assert label_cli.label_command(["--candidates", str(candidates), "--annotations", str(tmp_path / "a.jsonl"),
-                                    "--host", "0.0.0.0"]) == 0
+                                    *options]) == 0
+    return served
+
+
+def test_serving_other_machines_generates_a_token(tmp_path: Path, monkeypatch, capsys) -> None:
+    served = serve_with_a_stub_server(tmp_path, monkeypatch, "--host", "0.0.0.0")
     token = re.search(r"http://0\.0\.0\.0:8123/\?token=(\S+)", capsys.readouterr().out).group(1)
     assert len(token) >= 16 and served["closed"] and served["host"] == "0.0.0.0"
     client = served["app"].test_client()
     assert client.get("/api/next?annotator=a").status_code == 403
     assert client.get(f"/api/next?annotator=a&token={token}").status_code == 200
+
+
+GUIDELINES = "# Guidelines\n\nPrefer the <b>shorter</b> response\nwhen both are correct & kind.\n"
+
+
+def test_guidelines_file_is_served_by_api_info(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "guidelines.md").write_text(GUIDELINES, encoding="utf-8")
+    served = serve_with_a_stub_server(tmp_path, monkeypatch, "--guidelines", str(tmp_path / "guidelines.md"),
+                                      "--token", "s3cret")
+    client = served["app"].test_client()
+    assert client.get("/api/info").status_code == 403  # behind the token like the rest of the API
+    assert client.get("/api/info?token=s3cret").get_json() == {"guidelines": GUIDELINES}  # as written, unrendered
+    assert create_app(make_session(tmp_path)).test_client().get("/api/info").get_json() == {"guidelines": None}
 
 
 def test_waiting_for_candidates_while_they_are_sampled(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not 
 
 from rlhf_lightning.labelling.export import export_annotations
 from rlhf_lightning.labelling.storage import judgements, read_log
-from tests.test_label_app import make_session, running_server
+from tests.test_label_app import GUIDELINES, make_session, running_server
 
 CHROMIUM = os.environ.get("RLHF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -132,3 +133,111 @@ def test_side_by_side_on_a_laptop_stacked_on_a_phone(tmp_path: Path, page) -> No
         assert second["y"] >= first["y"] + first["height"] and first["x"] == second["x"]  # stacked
         assert first["x"] + first["width"] <= 390  # no sideways scrolling
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_after_a_judgement_or_undo_enter_presses_nothing(tmp_path: Path, page) -> None:
+    expect = sync_api.expect
+    session = make_session(tmp_path, count=4)
+    with running_server(session) as base:
+        page.goto(f"{base}?annotator=Ada")
+        expect(progress(page)).to_have_text("0 / 4")
+        expect(page.locator("#guidelines")).to_be_hidden()  # none given
+        for button, shown in (("#tie", "1 / 4"), ("#skip", "2 / 4"), ("#undo", "1 / 4")):
+            page.click(button)
+            expect(progress(page)).to_have_text(shown)
+            assert page.evaluate("document.activeElement.id") == "task"  # not the button just pressed
+            page.keyboard.press("Enter")                # a stray Enter: no label, no second undo
+        page.keyboard.press("1")
+        expect(progress(page)).to_have_text("2 / 4")
+    events = read_log(session.log.path)
+    assert [e.get("choice", e["event"]) for e in events] == ["tie", "skip", "undo", "left"]
+
+
+def test_undo_stays_on_the_all_labelled_screen(tmp_path: Path, page) -> None:
+    expect = sync_api.expect
+    session = make_session(tmp_path, count=2)
+    last = session.pool.items()[1]
+    with running_server(session) as base:
+        page.goto(f"{base}?annotator=Ada")
+        expect(progress(page)).to_have_text("0 / 2")
+        page.keyboard.press("1")
+        expect(progress(page)).to_have_text("1 / 2")
+        page.keyboard.press("2")
+        expect(page.locator("#done")).to_be_visible()
+        page.click("#done-undo")                        # the last label comes back
+        expect(progress(page)).to_have_text("1 / 2")
+        expect(page.locator("#done")).to_be_hidden()
+        expect(page.locator("#prompt")).to_have_text(last.prompt)
+        page.keyboard.press("1")
+        expect(page.locator("#done-undo")).to_be_visible()
+        page.keyboard.press("u")                        # the key works there too
+        expect(progress(page)).to_have_text("1 / 2")
+    assert [j["item"] for j in judgements(read_log(session.log.path))] == [session.pool.items()[0].id]
+
+
+def test_guidelines_are_shown_as_plain_text(tmp_path: Path, page) -> None:
+    expect = sync_api.expect
+    session = make_session(tmp_path, count=1)
+    session.guidelines = GUIDELINES
+    with running_server(session) as base:
+        page.goto(f"{base}?annotator=Ada")
+        expect(page.locator("#guidelines")).to_be_visible()
+        page.click("#guidelines summary")
+        text = page.locator("#guidelines-text")
+        expect(text).to_be_visible()
+        assert text.inner_text().strip() == GUIDELINES.strip()  # line breaks kept, markup shown as written
+        assert text.locator("b").count() == 0 and page.locator("#guidelines h1").count() == 0
+        assert text.bounding_box()["y"] < page.locator("#prompt").bounding_box()["y"]  # above the item
+
+
+@pytest.mark.slow
+def test_a_browser_round_of_the_online_loop(round_zero: Path, tmp_path: Path, browser) -> None:
+    """``rlhf-lightning iterate`` with ``rater: browser``: the loop serves the page, waits while a
+    person labels the round's quota, then refreshes the reward model and runs PPO."""
+    import json
+    import socket
+    import threading
+
+    from rlhf_lightning.cli import main
+    from tests.test_iterate import start_from
+
+    expect = sync_api.expect
+    with socket.socket() as probe:  # a free port for the page
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "loop"
+    config = start_from(round_zero, run, rounds=1, rater="browser", labels_per_round=3, label_port=port,
+                        poll_seconds=0.2)
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(main(["iterate", "--config", str(config)])), daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 120
+    while not page_is_up(port) and loop.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page = browser.new_page()  # not the page fixture: its teardown needs the server, which the loop stops
+    try:
+        page.goto(f"http://127.0.0.1:{port}/?annotator=Ada")
+        expect(progress(page)).to_have_text("0 / 3", timeout=60_000)  # 3 fresh prompts, sampled meanwhile
+        for done in (1, 2, 3):
+            expect(page.locator("#response-2")).to_be_visible(timeout=60_000)
+            page.keyboard.press("1")
+            expect(progress(page)).to_have_text(f"{done} / 3")
+    finally:
+        page.close()
+    loop.join(timeout=600)
+    assert result == [0]
+    labelled = judgements(read_log(run / "round_1" / "annotations.jsonl"))
+    assert len(labelled) == 3 and {j["annotator"] for j in labelled} == {"Ada"}
+    rows = json.loads((run / "rounds.json").read_text())
+    assert [r["labels"] for r in rows] == [200, 3] and 0.0 <= rows[1]["fresh_accuracy"] <= 1.0
+    assert (run / "round_1" / "ppo" / "policy" / "config.json").exists()
+
+
+def page_is_up(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
+            return True
+    except OSError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from rlhf_lightning.cli import main
 from rlhf_lightning.data.records import DataFormatError
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.labelling import candidates as candidates_module
+from rlhf_lightning.labelling import cli as label_cli
 from rlhf_lightning.labelling.candidates import (
     CandidateGenerator,
     CandidatePool,
@@ -18,7 +20,7 @@ from rlhf_lightning.labelling.candidates import (
     content_id,
     read_candidates,
 )
-from rlhf_lightning.labelling.storage import read_log
+from rlhf_lightning.labelling.storage import make_judgement, read_log
 from rlhf_lightning.rollout import GenerationSettings
 from tests.conftest import write_lines
 
@@ -92,6 +94,45 @@ def test_cli_port_in_use(tmp_path: Path, capsys) -> None:
     assert code == 2 and f"port {port} on 127.0.0.1 is in use" in err
 
 
+JUDGEMENT = make_judgement(annotator="ann", item="i", prompt="P", responses=["a", "b"], shown=[0, 1],
+                           choice="left", ranking=[0, 1])
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"event": "judgement", "id": ', r"a\.jsonl:2: not a JSON line"),
+    ({"prompt": "P", "responses": ["a", "b"]},  # a candidates file given as --annotations
+     r"a\.jsonl:2: field 'event': expected 'judgement' or 'undo', got None; hint: is this an annotations file"),
+    ({k: v for k, v in JUDGEMENT.items() if k != "annotator"}, r"a\.jsonl:2: field 'annotator': missing"),
+    ({**JUDGEMENT, "shown": "01"}, r"a\.jsonl:2: field 'shown': expected a list, got str"),
+    ({**JUDGEMENT, "choice": "best"}, r"a\.jsonl:2: field 'choice': expected one of left, right, ranking, tie, skip"),
+    ({"event": "undo", "id": "u", "annotator": "ann"}, r"a\.jsonl:2: field 'undoes': missing"),
+], ids=["malformed-json", "not-an-event", "field-missing", "field-wrong-type", "unknown-choice", "undo-without-target"])
+def test_cli_bad_annotations_file_fails_before_serving(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
+                                                       line: object, message: str) -> None:
+    candidates = write_lines(tmp_path / "c.jsonl", [{"prompt": "P", "responses": ["a", "b"]}])
+    annotations = write_lines(tmp_path / "a.jsonl", [JUDGEMENT, line, JUDGEMENT])  # the bad line in the middle
+    monkeypatch.setattr(label_cli, "make_server", lambda *a: pytest.fail("served despite a bad annotations file"))
+    code, err = run_cli(["label", "--candidates", str(candidates), "--annotations", str(annotations)], capsys)
+    assert code == 2 and re.match(f"error: .*{message}", err) and err.count("\n") == 1
+    code, err = run_cli(["label", "export", "--annotations", str(annotations), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and re.match(f"error: .*{message}", err)  # export checks it the same way
+
+
+def test_cli_unreadable_annotations_or_guidelines_fail_before_serving(tmp_path: Path, capsys,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    candidates = write_lines(tmp_path / "c.jsonl", [{"prompt": "P", "responses": ["a", "b"]}])
+    monkeypatch.setattr(label_cli, "make_server", lambda *a: pytest.fail("served despite bad input"))
+    args = ["label", "--candidates", str(candidates), "--annotations"]
+    code, err = run_cli([*args, str(tmp_path)], capsys)  # a folder
+    assert code == 2 and err == f"error: {tmp_path}: cannot read it (Is a directory)\n"
+    annotations, missing, blank = str(tmp_path / "a.jsonl"), tmp_path / "none.md", tmp_path / "blank.md"
+    code, err = run_cli([*args, annotations, "--guidelines", str(missing)], capsys)
+    assert code == 2 and err == f"error: --guidelines {missing}: cannot read it (No such file or directory)\n"
+    blank.write_text(" \n", encoding="utf-8")
+    code, err = run_cli([*args, annotations, "--guidelines", str(blank)], capsys)
+    assert code == 2 and err == f"error: --guidelines {blank}: the file is empty\n"
+
+
 def test_cli_needs_a_source_of_candidates(tmp_path: Path, capsys) -> None:
     code, err = run_cli(["label", "--annotations", str(tmp_path / "a.jsonl")], capsys)
     assert code == 2 and "nothing to label" in err
@@ -128,6 +169,21 @@ def test_generator_samples_k_distinct_responses_per_prompt_and_resumes(
     again = CandidatePool(expected=3)
     CandidateGenerator(str(byte_gpt2_dir), prompts, out, again, settings).run()
     assert again.items() == items and again.error is None
+
+
+def test_a_response_repeated_within_one_draw_is_one_candidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = {"A": [["x", "x", " "], ["x", "y", "y"], ["z", "z", "x"]],  # distinct x, y, z after three draws
+             "B": [["same"] * 3] * 4}  # never two distinct responses, in any of the 1 + max_tries draws
+    monkeypatch.setattr("rlhf_lightning.models.load_tokenizer", lambda policy: None)
+    monkeypatch.setattr("rlhf_lightning.models.load_causal_lm", lambda policy, tokenizer: None)
+    monkeypatch.setattr("rlhf_lightning.generation.sample_texts",
+                        lambda model, tokenizer, prompts, seed, **settings: draws[prompts[0]].pop(0))
+    pool = CandidatePool(expected=2)
+    CandidateGenerator("policy", [{"prompt": "A"}, {"prompt": "B"}], tmp_path / "c.jsonl", pool,
+                       SamplingSettings(k=3)).run()
+    assert pool.error is None and draws == {"A": [], "B": []}
+    assert [item.responses for item in pool.items()] == [("x", "y", "z")]  # B is left out, not shown as twins
+    assert pool.total == 1
 
 
 def test_generator_failure_is_reported_in_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import UserInputError
+from ..errors import UserInputError, check_minimum
 from ..models import load_tokenizer
 from .encoding import (
     PreferenceCollator,
@@ -56,7 +56,9 @@ class _JSONLDataModule(LightningDataModule):
         (see :data:`rlhf_lightning.tasks.BUILTIN_TASKS`) or an import path; drawn with ``seed``."""
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UserInputError(f"data.init_args.val_fraction must be in [0, 1), got {val_fraction}")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            check_minimum(f"data.init_args.{name}", value, 1)
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.tokenizer_name = tokenizer
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
@@ -229,7 +231,7 @@ class PreferenceDataModule(_JSONLDataModule):
     def __init__(self, *args: Any, padding_side: str = "right", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise UserInputError(f"data.init_args.padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
 
     def read(self, path: str) -> list[Record]:

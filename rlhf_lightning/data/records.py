@@ -12,6 +12,7 @@ before any training starts.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import warnings
@@ -58,18 +59,26 @@ def read_jsonl(path: str | os.PathLike[str], check: Callable[[Record, str, int],
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, 0, None, "file does not exist", hint="check the path (relative to where you run)")
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a BOM some editors write first
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise DataFormatError(
             path, line, None, f"bytes that are not UTF-8 ({err.reason})",
             hint="re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
         ) from err
     records = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028, U+0085, \x1c ..., which
+    # JSON strings may hold unescaped (write_jsonl writes them so).
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
+        if not records and raw.lstrip().startswith("["):
+            raise DataFormatError(
+                path, number, None, "the file is a JSON array; expected JSON Lines, one object per line",
+                hint="convert it, e.g. jq -c '.[]' file.json > file.jsonl",
+            )
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
@@ -133,7 +142,11 @@ def _string(record: Record, field: str, path: str, line: int, family: str, allow
     return value
 
 
-def _messages(record: Record, path: str, line: int, field: str = "messages") -> list[dict[str, str]]:
+def _messages(
+    record: Record, path: str, line: int, field: str = "messages", user_text: bool = False
+) -> list[dict[str, str]]:
+    """The checked chat turns of ``record[field]``; with ``user_text``, a user turn must hold text
+    (a prompt to answer), not an empty or whitespace-only string."""
     messages = record[field]
     if not isinstance(messages, list) or not messages:
         raise DataFormatError(path, line, field, "expected a non-empty list of {role, content} objects")
@@ -144,6 +157,8 @@ def _messages(record: Record, path: str, line: int, field: str = "messages") -> 
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise DataFormatError(path, line, f"{where}.{key}", "missing or not a string")
+        if user_text and message["role"] == "user" and not message["content"].strip():
+            raise DataFormatError(path, line, f"{where}.content", "empty string (a user turn with no text to answer)")
     return messages
 
 
@@ -197,9 +212,9 @@ def check_preference(record: Record, path: str, line: int) -> Record:
 
 def check_prompt(record: Record, path: str, line: int) -> Record:
     if "messages" in record:
-        _messages(record, path, line)
+        _messages(record, path, line, user_text=True)
     elif "prompt" in record and isinstance(record["prompt"], list):
-        _messages(record, path, line, field="prompt")
+        _messages(record, path, line, field="prompt", user_text=True)
     else:
         _string(record, "prompt", path, line, "prompt")
     return record

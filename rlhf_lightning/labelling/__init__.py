@@ -17,7 +17,7 @@ from .candidates import (
     read_candidates,
 )
 from .export import agreement, export_annotations, judgement_pairs
-from .storage import AnnotationLog, judgements, read_log
+from .storage import AnnotationLog, judgements, read_annotations, read_log
 
 __all__ = [
     "AnnotationLog",
@@ -29,6 +29,7 @@ __all__ = [
     "export_annotations",
     "judgement_pairs",
     "judgements",
+    "read_annotations",
     "read_candidates",
     "read_log",
 ]

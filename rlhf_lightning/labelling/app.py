@@ -13,6 +13,8 @@ API (JSON; with an access token every ``/api/`` request carries it as ``X-Label-
   comment}``, ``order`` being display positions best first. Answered only once the judgement
   is fsync'ed.
 * ``POST /api/undo``: ``{annotator}``: appends an undo event for NAME's latest judgement.
+* ``GET /api/info``: ``{guidelines}``, the labelling guidelines' text (``null`` without
+  ``--guidelines``); the page shows it as plain text, never as HTML.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ STATIC_FILES = {"label.js": "text/javascript", "label.css": "text/css"}
 
 @dataclass
 class LabelSession:
-    """What the app serves: the candidate pool, the annotations file and the access rule."""
+    """What the app serves: the candidate pool, the annotations file, the access rule and the
+    annotators' guidelines (plain text)."""
 
     pool: CandidatePool
     log: AnnotationLog
     token: str | None = None
     seed: int = 0
+    guidelines: str | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -132,6 +136,10 @@ def create_app(session: LabelSession) -> Flask:
         if name not in STATIC_FILES:
             abort(404)
         return Response(static_text(name), mimetype=STATIC_FILES[name])
+
+    @app.get("/api/info")
+    def info() -> Response:
+        return jsonify(guidelines=session.guidelines)
 
     @app.get("/api/next")
     def next_item() -> Response:

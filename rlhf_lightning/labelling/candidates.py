@@ -218,7 +218,9 @@ class CandidateGenerator(threading.Thread):
             for attempt in range(1 + s.max_tries):
                 texts = sample_texts(model, tokenizer, [prompt] * s.k, seed=s.seed + index + attempt * len(prompts),
                                      **asdict(s.generation))
-                responses += [t for t in texts if t.strip() and t not in responses]
+                for text in texts:  # one by one: a draw can repeat itself, not only an earlier draw
+                    if text.strip() and text not in responses:
+                        responses.append(text)
                 if len(responses) >= s.k:
                     break
             responses = responses[: s.k]

@@ -1,8 +1,9 @@
 """``rlhf-lightning label`` (serve the labelling page) and ``rlhf-lightning label export``.
 
-Bad input (candidates file, prompts file, policy folder, port in use, a public address without
-a token) raises :class:`~rlhf_lightning.errors.UserInputError`, which the main command prints
-on one line with exit status 2.
+Bad input (candidates file, prompts file, policy folder, annotations file, guidelines file,
+port in use, a public address without a token) raises
+:class:`~rlhf_lightning.errors.UserInputError`, which the main command prints on one line with
+exit status 2. All of it is checked before the server starts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .candidates import (
     read_candidates,
 )
 from .export import KEEP_CHOICES, export_annotations
-from .storage import AnnotationLog
+from .storage import AnnotationLog, read_annotations
 
 TOKEN_ENV = "RLHF_LABEL_TOKEN"
 
@@ -52,6 +53,8 @@ def serve_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + index)")
     parser.add_argument("--annotations", required=True, help="annotations JSONL (appended to; resumed from)")
+    parser.add_argument("--guidelines", help="Markdown or plain-text file of labelling guidelines, "
+                        "shown on the page as plain text")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but loopback serves other machines and needs a token")
@@ -93,6 +96,21 @@ def build_pool(options: argparse.Namespace) -> tuple[CandidatePool, CandidateGen
     return pool, CandidateGenerator(options.policy, prompts, out, pool, settings)
 
 
+def read_guidelines(path: str | None) -> str | None:
+    """The text of the ``--guidelines`` file (``None`` without one); unreadable or blank is an error."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserInputError(f"--guidelines {path}: cannot read it ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"--guidelines {path}: not UTF-8 text ({err.reason})") from err
+    if not text.strip():
+        raise UserInputError(f"--guidelines {path}: the file is empty")
+    return text
+
+
 def make_server(app: Any, host: str, port: int) -> Any:
     """A threaded Werkzeug server on a socket bound here, so a port in use is a one-line error
     (Werkzeug's own bind prints and exits instead)."""
@@ -112,21 +130,31 @@ def make_server(app: Any, host: str, port: int) -> Any:
         raise UserInputError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
 
 
-def serve_command(argv: Sequence[str]) -> int:
-    options = serve_parser().parse_args(list(argv))
+def open_labelling_page(pool: CandidatePool, annotations: str | os.PathLike[str], host: str, port: int,
+                        token: str | None = None, seed: int = 0, guidelines: str | None = None) -> tuple[Any, str]:
+    """Check the annotations and guidelines files, bind the server (not serving yet) and return
+    it with the address to open (with the token; one is generated for a non-loopback ``host``
+    without one). ``rlhf-lightning label`` and ``rlhf-lightning iterate`` both serve this way."""
     try:
         from .app import LabelSession, create_app, is_loopback
     except ImportError as err:
-        raise UserInputError(f"the label command needs Flask ({err}); "
+        raise UserInputError(f"the labelling page needs Flask ({err}); "
                              "hint: pip install 'rlhf-lightning[label]'") from err
-    token = options.token
-    if not is_loopback(options.host) and not token:
+    if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(16)
+    read_annotations(annotations)  # a bad line fails here, not in every request
+    session = LabelSession(pool=pool, log=AnnotationLog(annotations), token=token, seed=seed,
+                           guidelines=read_guidelines(guidelines))
+    server = make_server(create_app(session), host, port)
+    shown_host = f"[{host}]" if ":" in host else host
+    return server, f"http://{shown_host}:{server.port}/" + (f"?token={token}" if token else "")
+
+
+def serve_command(argv: Sequence[str]) -> int:
+    options = serve_parser().parse_args(list(argv))
     pool, generator = build_pool(options)
-    session = LabelSession(pool=pool, log=AnnotationLog(options.annotations), token=token, seed=options.seed)
-    server = make_server(create_app(session), options.host, options.port)
-    shown_host = f"[{options.host}]" if ":" in options.host else options.host
-    address = f"http://{shown_host}:{server.port}/" + (f"?token={token}" if token else "")
+    server, address = open_labelling_page(pool, options.annotations, options.host, options.port, options.token,
+                                          options.seed, options.guidelines)
     if generator is not None:
         generator.start()
         print(f"sampling candidates in the background into {generator.out.path}", flush=True)

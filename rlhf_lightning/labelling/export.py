@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 from ..data.records import DataFormatError, Record, write_jsonl
-from .storage import judgements, read_log
+from .storage import judgements, read_annotations
 
 KEEP_CHOICES = ("drop", "flag")
 
@@ -113,7 +113,7 @@ def export_annotations(annotations: str | os.PathLike[str], out: str | os.PathLi
             raise ValueError(f"{name} must be one of {KEEP_CHOICES}, got {value!r}")
     if not os.path.isfile(annotations):
         raise DataFormatError(annotations, 0, None, "file does not exist")
-    events = read_log(annotations)
+    events = read_annotations(annotations)  # checked: a bad line names file, line and field
     in_force = judgements(events)
     if not in_force:
         raise DataFormatError(annotations, 0, None, "no judgements to export" if events else "file holds no records")

@@ -23,6 +23,10 @@ indices in the order the page showed them (left to right), ``choice`` one of ``l
 indices best first (``null`` for tie and skip).
 
 ``{"event": "undo", "id", "time", "annotator", "undoes": <judgement id>}``.
+
+:func:`read_annotations` checks every event's type and the fields that replay and export read;
+``rlhf-lightning label`` calls it once before serving, so a bad line is a one-line error at the
+start and not a failure of every request later.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +44,12 @@ from pathlib import Path
 from ..data.records import DataFormatError, Record
 
 CHOICES = ("left", "right", "ranking", "tie", "skip")
+# The fields replay (:func:`judgements`), the app and export read, with their types, per event.
+EVENT_FIELDS: dict[str, dict[str, type]] = {
+    "judgement": {"id": str, "annotator": str, "item": str, "prompt": str, "responses": list, "shown": list,
+                  "choice": str},
+    "undo": {"id": str, "annotator": str, "undoes": str},
+}
 
 
 def now() -> str:
@@ -47,11 +57,13 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_log(path: str | os.PathLike[str]) -> list[Record]:
+def read_log(path: str | os.PathLike[str],
+             check: Callable[[Record, str, int], Record] | None = None) -> list[Record]:
     """All records of an append-only JSONL log; ``[]`` when the file does not exist yet.
 
     A last line without its newline that is not valid JSON is a torn write (the process died
     inside ``write``) and is ignored; a bad line anywhere else raises :class:`DataFormatError`.
+    ``check(record, path, line)``, when given, returns the record or raises :class:`DataFormatError`.
     """
     path = Path(path)
     if not path.exists():
@@ -70,8 +82,36 @@ def read_log(path: str | os.PathLike[str]) -> list[Record]:
             raise DataFormatError(path, number, None, f"not a JSON line ({err})") from err
         if not isinstance(record, dict):
             raise DataFormatError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append(check(record, str(path), number) if check else record)
     return records
+
+
+def check_event(record: Record, path: str, line: int) -> Record:
+    """Check one annotations line (see ``EVENT_FIELDS``); the message names file, line and field."""
+    event = record.get("event")
+    fields = EVENT_FIELDS.get(event) if isinstance(event, str) else None
+    if fields is None:
+        raise DataFormatError(path, line, "event", f"expected 'judgement' or 'undo', got {event!r}",
+                              hint="is this an annotations file written by 'rlhf-lightning label'?")
+    for name, kind in fields.items():
+        if name not in record:
+            raise DataFormatError(path, line, name, "missing")
+        if not isinstance(record[name], kind):
+            expected = "string" if kind is str else kind.__name__
+            raise DataFormatError(path, line, name, f"expected a {expected}, got {type(record[name]).__name__}")
+    if record["event"] == "judgement" and record["choice"] not in CHOICES:
+        raise DataFormatError(path, line, "choice", f"expected one of {', '.join(CHOICES)}, got {record['choice']!r}")
+    return record
+
+
+def read_annotations(path: str | os.PathLike[str]) -> list[Record]:
+    """The events of an annotations file, each checked by :func:`check_event`; ``[]`` when it
+    does not exist yet. A file that cannot be read (a folder, no permission) is a
+    :class:`DataFormatError` too."""
+    try:
+        return read_log(path, check_event)
+    except OSError as err:
+        raise DataFormatError(path, 0, None, f"cannot read it ({err.strerror or err})") from err
 
 
 class JsonlLog:

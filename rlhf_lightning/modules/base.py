@@ -9,23 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights, use_atomic_checkpoints
+from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights
 from ..lora import LoRASettings, add_adapter
 from ..models import ModelLoadError, load_causal_lm, load_tokenizer
 from ..optim import adamw, warmup_schedule
-from .export import check_export_dirs
+from .export import ExportingModule
 
 
-class HFModelModule(LightningModule):
+class HFModelModule(ExportingModule):
     """Base of a stage that fine-tunes ``self.model`` (built in ``configure_model``).
 
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
     ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``,
     ``warmup_steps``, ``lr_scheduler``, ``gradient_checkpointing``, ``export_dir`` and
-    ``overwrite_export``; :meth:`use_lora` sets ``lora``.
+    ``overwrite_export`` (guarded while the fit runs: :class:`~.export.ExportingModule`);
+    :meth:`use_lora` sets ``lora``.
     """
 
     model: PreTrainedModel | None
@@ -45,13 +45,6 @@ class HFModelModule(LightningModule):
                 )
             self._tokenizer = load_tokenizer(name or self.hparams.model_name_or_path)
         return self._tokenizer
-
-    def on_fit_start(self) -> None:
-        """Before the first step: refuse to train when ``export_dir`` already holds a finished
-        model (unless ``overwrite_export``), so an earlier result is never replaced by accident;
-        write checkpoints atomically."""
-        check_export_dirs(self, {"export_dir": self.hparams.export_dir}, self.hparams.overwrite_export)
-        use_atomic_checkpoints(self.trainer)
 
     def use_lora(self, lora: LoRASettings | None) -> None:
         """Train a LoRA adapter (``lora``) instead of every weight; None: full fine-tuning."""

@@ -137,4 +137,4 @@ class DPOModule(HFModelModule):
         self.log_dict({f"val/{name}": value for name, value in stats.items()}, batch_size=n_pairs, sync_dist=True)
 
     def on_fit_end(self) -> None:
-        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer)
+        export_at_fit_end(self, "export_dir", self.model, self.tokenizer)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -26,12 +26,12 @@ from torchmetrics.regression import SpearmanCorrCoef
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
-from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights, use_atomic_checkpoints
-from ..errors import UserInputError
+from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights
+from ..errors import UserInputError, check_minimum
 from ..evaluation import JudgeFn, judge_pairs, sample_responses, sequence_kl
 from ..guards import NONFINITE_STEPS, default_guards
 from ..lora import AdapterDisabled, LoRASettings, add_adapter
-from ..models import load_causal_lm, load_sequence_scorer, load_tokenizer
+from ..models import load_causal_lm, load_reward_model, load_sequence_scorer, load_tokenizer
 from ..optim import warmup_schedule
 from ..rewards import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
 from ..rollout import (
@@ -45,7 +45,7 @@ from ..rollout import (
     token_values,
 )
 from ..text_logging import log_text_samples
-from .export import check_export_dirs, export_at_fit_end
+from .export import ExportingModule, export_at_fit_end
 
 
 @dataclass
@@ -99,6 +99,29 @@ class ScoreSettings:
     baseline: str = "none"
 
 
+def check_ppo_minimums(
+    generation: GenerationSettings, ppo: PPOSettings, kl: KLSettings, max_iterations: int | None,
+    forward_batch_size: int, reward_batch_size: int,
+) -> None:
+    """Refuse a PPO count or coefficient below its lower bound, naming its ``model.init_args`` key,
+    when the module is built (before any model loads)."""
+    key = "model.init_args"
+    for name, value in (
+        ("generation.max_new_tokens", generation.max_new_tokens), ("ppo.epochs", ppo.epochs),
+        ("ppo.num_minibatches", ppo.num_minibatches), ("ppo.gradient_accumulation_steps", ppo.gradient_accumulation_steps),
+        ("kl.horizon", kl.horizon), ("max_iterations", max_iterations), ("forward_batch_size", forward_batch_size),
+        ("reward_batch_size", reward_batch_size),
+    ):
+        check_minimum(f"{key}.{name}", value, 1)
+    for name, value in (
+        ("generation.min_new_tokens", generation.min_new_tokens), ("generation.top_k", generation.top_k),
+        ("ppo.cliprange", ppo.cliprange), ("ppo.cliprange_value", ppo.cliprange_value), ("kl.coef", kl.coef),
+    ):
+        check_minimum(f"{key}.{name}", value, 0)
+    check_minimum(f"{key}.generation.temperature", generation.temperature, 0, inclusive=False)
+    check_minimum(f"{key}.generation.top_p", generation.top_p, 0, inclusive=False)
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states in types that ``torch.load(weights_only=True)`` reads."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
@@ -130,7 +153,7 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-class PPOModule(LightningModule):
+class PPOModule(ExportingModule):
     """PPO with a policy, a frozen reference, a reward source and a critic (the critic only with
     the default ``ppo.advantage_estimator: gae``; the critic-free estimators have none).
 
@@ -142,7 +165,8 @@ class PPOModule(LightningModule):
             model with the adapter disabled (one copy of the base weights), the critic stays a
             separate model, and ``policy_export_dir`` gets the merged policy
             (:mod:`rlhf_lightning.lora`). None: full fine-tuning.
-        reward_model: a reward-model folder (``RewardModule``'s export) ...
+        reward_model: a reward-model folder (``RewardModule``'s export; a folder without a trained
+            score head, such as the SFT export, is refused) ...
         reward_fn: ... or a Python callable ``(prompts, completions) -> scores`` (in YAML: its
             import path, e.g. ``rlhf_lightning.tasks.gold_rewards``).
         critic: the value model's initial weights (default: the reward model when it shares
@@ -198,6 +222,7 @@ class PPOModule(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_ppo_minimums(generation, ppo, kl, max_iterations, forward_batch_size, reward_batch_size)
         if kl.estimator not in pm.KL_ESTIMATORS:
             raise UserInputError(f"model.init_args.kl.estimator must be one of {pm.KL_ESTIMATORS}, got {kl.estimator!r}")
         if scores.baseline not in ("none", "leave_one_out"):
@@ -275,7 +300,7 @@ class PPOModule(LightningModule):
         critic_source = hp.critic
         if hp.reward_model is not None:
             reward_tokenizer = load_tokenizer(hp.reward_model)
-            self.reward_model = self._frozen(load_sequence_scorer(hp.reward_model, reward_tokenizer))
+            self.reward_model = self._frozen(load_reward_model(hp.reward_model, reward_tokenizer))
             self.reward_scorer = RewardModelScorer(self.reward_model, reward_tokenizer, self.tokenizer, hp.reward_batch_size)
             if critic_source is None:
                 critic_source = hp.reward_model if same_tokenizer(reward_tokenizer, self.tokenizer) else hp.policy
@@ -530,17 +555,14 @@ class PPOModule(LightningModule):
                 "package yet; use strategy=ddp or deepspeed (see docs/scaling.md)"
             )
 
-    def on_fit_start(self) -> None:
-        exports = {"policy_export_dir": self.hparams.policy_export_dir}
-        if self.critic is not None:
-            exports["critic_export_dir"] = self.hparams.critic_export_dir
-        check_export_dirs(self, exports, self.hparams.overwrite_export)
-        use_atomic_checkpoints(self.trainer)
+    def export_keys(self) -> tuple[str, ...]:
+        return ("policy_export_dir", "critic_export_dir") if self.needs_critic else ("policy_export_dir",)
 
     def configure_callbacks(self) -> list[Callback]:
-        if not self.hparams.get("health_guards", True):
-            return []
-        return default_guards(self.trainer.callbacks, with_critic=self.needs_critic)
+        callbacks = super().configure_callbacks()
+        if self.hparams.get("health_guards", True):
+            callbacks += default_guards(self.trainer.callbacks, with_critic=self.needs_critic)
+        return callbacks
 
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -618,6 +640,6 @@ class PPOModule(LightningModule):
         set_rng_state(rng)
 
     def on_fit_end(self) -> None:
-        export_at_fit_end(self, self.hparams.policy_export_dir, self.policy, self.tokenizer, self.lora)
+        export_at_fit_end(self, "policy_export_dir", self.policy, self.tokenizer, self.lora)
         if self.critic is not None:
-            export_at_fit_end(self, self.hparams.critic_export_dir, self.critic, self.tokenizer)
+            export_at_fit_end(self, "critic_export_dir", self.critic, self.tokenizer)

@@ -74,6 +74,9 @@ class RewardModule(HFModelModule):
             the backbone to mark, token by token, the slips the SFT model notices, which the
             reward's token can then attend to. Costs one no-grad forward of the reference per
             step; the auxiliary head is not exported. See docs/reward.md.
+        likelihood_teacher: the causal-LM folder whose log-probabilities the auxiliary loss
+            distils, when ``model_name_or_path`` is not it (e.g. a reward model trained further,
+            as ``rlhf-lightning iterate`` does: give the SFT export). None: ``model_name_or_path``.
         gradient_checkpointing: trade compute for memory on large models.
         lora: train a LoRA adapter, and the scalar head, instead of every weight (needs the
             ``lora`` extra, ``peft``); the export is the merged model (:mod:`rlhf_lightning.lora`).
@@ -107,6 +110,7 @@ class RewardModule(HFModelModule):
         lr_scheduler: str = "cosine",
         centering_coef: float = 0.0,
         likelihood_distillation_coef: float = 0.0,
+        likelihood_teacher: str | None = None,
         gradient_checkpointing: bool = False,
         lora: LoRASettings | None = None,
         export_dir: str | None = "outputs/reward/model",
@@ -147,7 +151,7 @@ class RewardModule(HFModelModule):
         setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
         self.model = self.prepare_model(self.model, task_type="SEQ_CLS")
         if self.hparams.likelihood_distillation_coef > 0:
-            self.load_frozen_reference(self.hparams.model_name_or_path)
+            self.load_frozen_reference(self.hparams.likelihood_teacher or self.hparams.model_name_or_path)
             self.likelihood_head = torch.nn.Linear(self.model.config.hidden_size, 1)
 
     def optimized_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -305,4 +309,4 @@ class RewardModule(HFModelModule):
         # Plain Hugging Face use (tokenizer(..., padding=True) then model(**batch)) is correct with
         # right padding: HF pools at the rightmost non-pad token and GPT-2 numbers positions 0..t-1.
         self.tokenizer.padding_side = "right"
-        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer, self.lora)
+        export_at_fit_end(self, "export_dir", self.model, self.tokenizer, self.lora)

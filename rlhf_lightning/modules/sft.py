@@ -143,4 +143,4 @@ class SFTModule(HFModelModule):
         log_text_samples(self.trainer, "samples/sft", rows)
 
     def on_fit_end(self) -> None:
-        export_at_fit_end(self, self.hparams.export_dir, self.model, self.tokenizer, self.lora)
+        export_at_fit_end(self, "export_dir", self.model, self.tokenizer, self.lora)

@@ -1,8 +1,8 @@
 """Built-in tasks: deterministic toy worlds, each with a gold judge and a noisy rater.
 
 Generic code finds a task by name or import path through :func:`get_task`; it never imports a
-particular task module. Each task module also exposes its judge as ``judge`` (for YAML, e.g.
-``judge: rlhf_lightning.tasks.sentiment.judge``).
+particular task module. Each task module also exposes its judge as ``judge`` and its noisy
+rater as ``rater`` (for YAML, e.g. ``judge: rlhf_lightning.tasks.sentiment.judge``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from rlhf_lightning.tasks.base import (
     DEFAULT_NOISE_TEMPERATURE,
     DEFAULT_SIZES,
     BuiltinTask,
+    RaterFn,
     Task,
     TaskJudge,
+    TaskRater,
     bradley_terry_probability,
     compare,
     judge_validity,
@@ -79,7 +81,9 @@ __all__ = [
     "BuiltinTask",
     "SentimentTask",
     "Task",
+    "RaterFn",
     "TaskJudge",
+    "TaskRater",
     "bradley_terry_probability",
     "compare",
     "get_task",

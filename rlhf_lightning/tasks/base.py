@@ -14,6 +14,7 @@ Standard library only; everything is deterministic given a seed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -84,6 +85,34 @@ class TaskJudge:
 
     def __repr__(self) -> str:
         return f"TaskJudge({self.task.name})"
+
+
+class TaskRater:
+    """A task's simulated rater as a pairwise labeller: ``rater(prompts, firsts, seconds)`` gives,
+    per pair, 1.0 when it prefers the first response, 0.0 when it prefers the second (a
+    :data:`RaterFn`). It is the task's noisy Bradley-Terry rater, seeded by ``seed`` and the
+    pair's text, so labelling the same pair again gives the same label (a resumed labelling
+    round repeats nothing)."""
+
+    def __init__(self, task: BuiltinTask, seed: int = 0) -> None:
+        self.task, self.seed = task, seed
+
+    def __call__(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[float | None]:
+        labels: list[float | None] = []
+        for prompt, first, second in zip(prompts, firsts, seconds, strict=True):
+            rng = random.Random(json.dumps([self.task.name, self.seed, prompt, first, second]))
+            labels.append(1.0 if self.task.rater_prefers_first(rng, prompt, first, second) else 0.0)
+        return labels
+
+    def __repr__(self) -> str:
+        return f"TaskRater({self.task.name})"
+
+
+#: A rater labels pairs of responses: ``(prompts, firsts, seconds) -> labels``, each label 1.0
+#: (the first is better), 0.0 (the second is), 0.5 (a tie) or None (skipped: no label). The
+#: built-in tasks' noisy raters are one (``rlhf_lightning.tasks.sentiment.rater``); an LLM judge
+#: asked "which response is better?" is another.
+RaterFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], Sequence[float | None]]
 
 
 def judge_validity(judge: Callable[..., Any], prompts: Sequence[str], completions: Sequence[str]) -> list[float] | None:

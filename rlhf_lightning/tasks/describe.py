@@ -41,7 +41,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from .base import BuiltinTask, TaskJudge
+from .base import BuiltinTask, TaskJudge, TaskRater
 
 DETAIL_NOUNS: dict[str, tuple[str, ...]] = {
     "kitchen": ("table", "stove", "sink", "pot", "cup", "knife", "bowl", "oven"),
@@ -248,3 +248,5 @@ class DescribeTask(BuiltinTask):
 
 #: The describe task's gold judge, for YAML: ``judge: rlhf_lightning.tasks.describe.judge``.
 judge = TaskJudge(DescribeTask())
+#: The describe task's noisy rater, for YAML: ``rater: rlhf_lightning.tasks.describe.rater``.
+rater = TaskRater(DescribeTask())

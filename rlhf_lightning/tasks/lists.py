@@ -41,7 +41,7 @@ import random
 import re
 from typing import NamedTuple
 
-from .base import BuiltinTask, TaskJudge
+from .base import BuiltinTask, TaskJudge, TaskRater
 
 #: Category (plural, as in the prompts) -> its eight items, each a distinct initial letter.
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -218,3 +218,5 @@ class ListsTask(BuiltinTask):
 
 #: The lists task's gold judge, for YAML: ``judge: rlhf_lightning.tasks.lists.judge``.
 judge = TaskJudge(ListsTask())
+#: The lists task's noisy rater, for YAML: ``rater: rlhf_lightning.tasks.lists.rater``.
+rater = TaskRater(ListsTask())

@@ -44,7 +44,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from .base import BuiltinTask, TaskJudge
+from .base import BuiltinTask, TaskJudge, TaskRater
 
 DIETS = ("meat", "fish", "vegetarian")
 TASTES = ("spicy", "sweet", "sour")
@@ -223,3 +223,5 @@ class MenuTask(BuiltinTask):
 
 #: The menu task's gold judge, for YAML: ``judge: rlhf_lightning.tasks.menu.judge``.
 judge = TaskJudge(MenuTask())
+#: The menu task's noisy rater, for YAML: ``rater: rlhf_lightning.tasks.menu.rater``.
+rater = TaskRater(MenuTask())

@@ -31,7 +31,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from .base import BuiltinTask, TaskJudge
+from .base import BuiltinTask, TaskJudge, TaskRater
 
 PROMPTS: tuple[str, ...] = (
     "Review: The movie was",
@@ -286,3 +286,5 @@ class SentimentTask(BuiltinTask):
 
 #: The sentiment task's gold judge, for YAML: ``judge: rlhf_lightning.tasks.sentiment.judge``.
 judge = TaskJudge(SentimentTask())
+#: The sentiment task's noisy rater, for YAML: ``rater: rlhf_lightning.tasks.sentiment.rater``.
+rater = TaskRater(SentimentTask())

@@ -1,5 +1,6 @@
 // The labelling page: fetch the next item, send one judgement per click or key, undo.
-// Plain JS served by the app (no build). Texts are inserted with textContent, never as HTML.
+// Plain JS served by the app (no build). Texts (guidelines included) are inserted with
+// textContent, never as HTML.
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -93,11 +94,28 @@ function showRanking() {
   });
 }
 
+// After a judgement or an undo the pressed button must not keep the focus: a stray Enter would
+// press it again, on an item not seen yet. The item's container takes the focus instead.
+function focusItem() {
+  const active = document.activeElement;
+  if (active && active.closest("input, textarea")) return;  // never interrupt typing
+  if (!$("task").hidden) $("task").focus({ preventScroll: true });
+  else if (active && active.closest("button")) active.blur();
+}
+
 async function loadNext() {
   if (!state.annotator) return;
   const data = await api(`api/next?annotator=${encodeURIComponent(state.annotator)}`);
   if (data.error && data.status !== 200) { setStatus(data.error, "error"); return; }
   render(data);
+  focusItem();
+}
+
+async function loadGuidelines() {
+  const data = await api("api/info");
+  if (data.status !== 200 || !data.guidelines) return;  // a wrong token shows on the first item
+  $("guidelines-text").textContent = data.guidelines;
+  $("guidelines").hidden = false;
 }
 
 async function submit(choice, order) {
@@ -164,6 +182,7 @@ $("annotator").addEventListener("keydown", (e) => { if (e.key === "Enter") start
 $("tie").addEventListener("click", () => submit("tie", null));
 $("skip").addEventListener("click", () => submit("skip", null));
 $("undo").addEventListener("click", undo);
+$("done-undo").addEventListener("click", undo);  // the "all labelled" screen keeps its Undo
 $("clear").addEventListener("click", () => { state.ranking = []; showRanking(); });
 
 document.addEventListener("keydown", (e) => {
@@ -178,5 +197,6 @@ document.addEventListener("keydown", (e) => {
   e.preventDefault();
 });
 
+loadGuidelines();
 $("annotator").value = params.get("annotator") || localStorage.getItem("label-annotator") || "";
 if ($("annotator").value) start(); else $("annotator").focus();
