@@ -33,7 +33,7 @@ from rlhf_lightning.tasks import get_task  # noqa: E402
 
 SETTINGS = ("rounds", "offline_pairs", "labels_per_round", "refresh_steps", "ppo_iterations", "reward_refresh", "k",
             "reference")
-COLUMNS = ("labels_total", "fresh_accuracy", "rm_val_accuracy", "rho_policy", "gold", "gold_sft", "win", "validity",
+COLUMNS = ("labels_total", "fresh_accuracy", "fresh_ceiling", "rm_val_accuracy", "rho_policy", "gold", "gold_sft", "win", "validity",
            "kl", "seconds")
 
 
@@ -62,7 +62,7 @@ def run_baseline(args: Any, task: str, seed: int, files: dict[str, Path]) -> dic
         (run / "sft" / "model").symlink_to((loop / "loop" / "round_0" / "sft" / "model").resolve(), target_is_directory=True)
     started = time.perf_counter()
     row = suite.run_one(args, task, seed, files, run=run, best_of_n=False)
-    return {"labels_total": 8000, "fresh_accuracy": None, "rm_val_accuracy": row["rm_acc"], "rho_policy": row["rho_ppo"],
+    return {"labels_total": 8000, "fresh_accuracy": None, "fresh_ceiling": None, "rm_val_accuracy": row["rm_acc"], "rho_policy": row["rho_ppo"],
             "gold": row["gold_ppo"], "gold_sft": row["gold_sft"], "win": row["win"], "validity": row["valid_ppo"],
             "kl": row["kl"], "seconds": round(time.perf_counter() - started, 1)}
 

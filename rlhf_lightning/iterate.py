@@ -229,6 +229,7 @@ def run_round_zero(config: IterateConfig) -> dict[str, Any]:
         ppo=round_stage_config(config.ppo, "ppo", folder, ppo_iterations(config)),
     )
     return run_pipeline(pipeline, extra={"round": 0, "labels": budget, "labels_total": budget, "fresh_accuracy": None,
+                                         "fresh_ceiling": None,
                                          "prepare_seconds": 0.0})
 
 
@@ -331,6 +332,7 @@ def label_round(config: IterateConfig, number: int, policy: str, prompts: list[R
 
 def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prompts: list[Record], rater: Any) -> dict[str, Any]:
     from .evaluation import reward_model_accuracy
+    from .tasks import label_agreement
 
     started = time.perf_counter()
     folder, first = config.round_dir(number), config.round_dir(0)
@@ -339,6 +341,8 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
     fresh = label_round(config, number, last_policy, slice_, rater)
     max_length = init_args(load_yaml(config.reward), "data").get("max_length") or 256
     fresh_accuracy = reward_model_accuracy(last_reward, fresh, max_length)  # before it trains on them
+    judge = load_judge(config.judge)
+    fresh_ceiling = label_agreement(fresh, judge) if judge is not None else None
     prepared = round(time.perf_counter() - started, 1)  # sampling, labelling and that measurement
     labelled = [*read_preferences(first / "prefs_train.jsonl"),
                 *(r for n in range(1, number + 1) for r in read_preferences(config.round_dir(n) / "prefs.jsonl"))]
@@ -368,7 +372,7 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
     labels = labels_in(AnnotationLog(folder / "annotations.jsonl").records())
     return finish(pipeline, {"sft": sft, **outputs}, timings, extra={
         "round": number, "labels": labels, "labels_total": previous["labels_total"] + labels,
-        "fresh_accuracy": fresh_accuracy, "prepare_seconds": prepared,
+        "fresh_accuracy": fresh_accuracy, "fresh_ceiling": fresh_ceiling, "prepare_seconds": prepared,
     })
 
 
@@ -378,7 +382,8 @@ def round_row(summary: dict[str, Any]) -> dict[str, Any]:
     c = summary["comparison"]
     return {
         "round": summary["round"], "labels": summary["labels"], "labels_total": summary["labels_total"],
-        "fresh_accuracy": summary["fresh_accuracy"], "rm_val_accuracy": summary["reward"].get("val/accuracy"),
+        "fresh_accuracy": summary["fresh_accuracy"], "fresh_ceiling": summary.get("fresh_ceiling"),
+        "rm_val_accuracy": summary["reward"].get("val/accuracy"),
         "rho_policy": c["reward_gold_spearman"], "rho_sft": c["baseline_reward_gold_spearman"],
         "gold": c["gold_score"], "gold_sft": c["baseline_gold_score"], "win": c["gold_win_rate"],
         "validity": c["validity"], "kl": c["kl"],
@@ -390,6 +395,7 @@ def round_row(summary: dict[str, Any]) -> dict[str, Any]:
 COLUMNS = {
     "round": "round", "labels": "labels", "labels_total": "labels so far",
     "fresh_accuracy": "RM accuracy on the round's fresh pairs (before training on them)",
+    "fresh_ceiling": "judge's agreement with those labels (their noise ceiling)",
     "rm_val_accuracy": "RM accuracy, offline val pairs", "rho_policy": "Spearman(RM, judge), policy samples",
     "gold": "gold score", "win": "win rate over SFT", "kl": "KL to SFT", "seconds": "seconds",
 }

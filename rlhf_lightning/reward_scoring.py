@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from .lora import backbone
+from . import ppo_math
 from .ppo_math import logprobs_from_logits, masked_mean
 
 #: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
@@ -77,14 +78,12 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     """Index ``(b,)`` of the last position whose mask is 1, for any padding side.
 
     Works for left, right and "both" padding (PPO's left-padded prompt + right-padded
-    response). A row without any real token is an error.
+    response). A row without any real token is an error here (a sequence to score has at
+    least its EOS); the index itself is :func:`rlhf_lightning.ppo_math.last_token_index`'s.
     """
-    mask = attention_mask.bool()
-    if not mask.any(dim=-1).all():
+    if not attention_mask.bool().any(dim=-1).all():
         raise ValueError("attention_mask has a row without any real token (all zeros)")
-    positions = torch.arange(mask.shape[-1], device=mask.device)
-    # Masked positions become -1, so the maximum is the last real position (indices are unique).
-    return torch.where(mask, positions, -1).argmax(dim=-1)
+    return ppo_math.last_token_index(attention_mask)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

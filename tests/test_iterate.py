@@ -190,8 +190,10 @@ def test_two_rounds_with_the_builtin_rater_then_a_rerun_skips_them(round_zero: P
     rows = json.loads((run / "rounds.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["labels"] for r in rows] == [200, 6, 6] and [r["labels_total"] for r in rows] == [200, 206, 212]
+    assert rows[0]["fresh_accuracy"] is None and rows[0]["fresh_ceiling"] is None
     for row in rows[1:]:
         assert 0.0 <= row["fresh_accuracy"] <= 1.0 and 0.0 <= row["win"] <= 1.0
+        assert 0.0 <= row["fresh_ceiling"] <= 1.0  # the judge against the rater's fresh labels
         assert row["rho_policy"] is None or -1.0 <= row["rho_policy"] <= 1.0
     for number in (1, 2):
         folder = run / f"round_{number}"
