@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.encoding import attention_mask_for, encode_prompt, pad
+from .terminal import ATTENTION_MASK_ADVICE, held_log_records
 
 
 def sampling_config(
@@ -57,9 +58,13 @@ def generate_responses(
     After a row's first EOS the remaining positions hold the pad token. ``r`` is at most
     ``config.max_new_tokens`` (shorter when every row stopped early).
     """
-    sequences = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **generate_kwargs
-    )
+    # transformers drops an all-ones mask (prompts of one length) before decoding, then advises
+    # passing one when a finished row feeds back the pad token: dropped, the mask was passed.
+    # (transformers gives it once per process: after this call a later one would not show either way.)
+    with held_log_records("transformers.modeling_utils", ATTENTION_MASK_ADVICE):
+        sequences = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **generate_kwargs
+        )
     return sequences[:, prompt_ids.shape[1] :]
 
 

@@ -15,6 +15,7 @@ One place for the rules that every RLHF stage depends on:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -34,6 +35,7 @@ from transformers import (
 )
 
 from .errors import UserInputError
+from .terminal import NEW_WEIGHTS_REPORTS, held_log_records, release, transformers_progress_bars_hidden
 
 PRESET_PREFIX = "preset:"
 PAD_TOKEN = "<|pad|>"
@@ -204,10 +206,12 @@ def preset_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> GPT2
 
 def _load(
     auto_class: Any, name_or_path: str, tokenizer: PreTrainedTokenizerBase, trained_key: str | None = None,
-    **config_kwargs: Any,
+    new_head: str | None = None, **config_kwargs: Any,
 ) -> PreTrainedModel:
     """With ``trained_key`` (the setting that names a model that must be trained, e.g. a reward
-    model), refuse one whose weights transformers would partly initialise at random."""
+    model), refuse one whose weights transformers would partly initialise at random. With
+    ``new_head`` (what the model is for, e.g. "reward model"), a folder without the head (an SFT
+    export) gets a new one, said in one line instead of transformers' load report."""
     if is_preset(name_or_path):
         if trained_key:
             raise UntrainedModelError(trained_key, name_or_path, "a preset's weights are all random")
@@ -223,7 +227,15 @@ def _load(
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a model config from '{name_or_path}': {err}") from err
         _no_dropout(config)
-        model, loading = auto_class.from_pretrained(name_or_path, config=config, output_loading_info=True)
+        reporter = logging.getLogger("transformers.modeling_utils")
+        with transformers_progress_bars_hidden(), held_log_records(reporter, *NEW_WEIGHTS_REPORTS) as report:
+            model, loading = auto_class.from_pretrained(name_or_path, config=config, output_loading_info=True)
+        if new_head and only_new_head(model, loading):
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"{new_head}: new scalar head on {name_or_path} ({', '.join(sorted(loading['missing_keys']))})")
+        else:  # nothing new, or more than the head: transformers' report says what
+            release(reporter, report)
         if trained_key and loading["missing_keys"]:
             saved_as = ", ".join(config.architectures or ["a model"])
             missing = ", ".join(sorted(loading["missing_keys"]))
@@ -234,18 +246,31 @@ def _load(
     return model
 
 
+def only_new_head(model: PreTrainedModel, loading: dict[str, Any]) -> bool:
+    """Whether the weights ``from_pretrained`` initialised (``loading``: its loading info) are
+    the task head's alone: no backbone weight missing or left unused, none of another shape."""
+    backbone = f"{model.base_model_prefix}."
+    changed = [*loading["missing_keys"], *loading.get("unexpected_keys", [])]
+    return bool(loading["missing_keys"]) and not loading.get("mismatched_keys") and not any(
+        key.startswith(backbone) for key in changed
+    )
+
+
 def load_causal_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A causal LM (policy, reference, SFT backbone) with dropout off, sized to ``tokenizer``."""
     return _load(AutoModelForCausalLM, name_or_path, tokenizer)
 
 
-def load_sequence_scorer(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A transformer with a scalar head (``num_labels=1``): reward model or critic.
+def load_sequence_scorer(
+    name_or_path: str, tokenizer: PreTrainedTokenizerBase, role: str = "reward model"
+) -> PreTrainedModel:
+    """A transformer with a scalar head (``num_labels=1``): reward model or critic (``role``).
 
-    From a causal-LM folder the head is new (initialised by transformers); from a reward-model
-    folder it is the trained one.
+    From a causal-LM folder the head is new (initialised by transformers; one line
+    "``role``: new scalar head on <folder>" says so); from a reward-model folder it is the
+    trained one.
     """
-    return _load(AutoModelForSequenceClassification, name_or_path, tokenizer, num_labels=1)
+    return _load(AutoModelForSequenceClassification, name_or_path, tokenizer, new_head=role, num_labels=1)
 
 
 def load_reward_model(
@@ -277,7 +302,8 @@ def save_hf_folder(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if model is not None:
-            model.save_pretrained(staging, state_dict=state_dict)
+            with transformers_progress_bars_hidden():  # "Writing model shards" of one tiny file
+                model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             retired = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rlhf_lightning.cli import main
+from rlhf_lightning import terminal
 from rlhf_lightning.models import load_tokenizer
+from tests.test_terminal import terminal_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +25,28 @@ def judge_by_distinct_words(prompts: list[str], completions: list[str]) -> list[
 
 judge_by_distinct_words.is_valid = lambda prompts, completions: [c.rstrip().endswith(".") for c in completions]
 USER_JUDGE = "tests.test_pipeline.judge_by_distinct_words"
+
+# The Python warnings a pipeline run may show (docs/pipeline.md, "What the terminal shows"):
+# (category, regex of the message's start, why it is allowed). Any other warning fails the test.
+ALLOWED_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (UserWarning, r"\[LengthGuard\] iteration \d+: \d+% of the responses end without EOS",
+     "the package's own health check (rlhf_lightning.guards), which a user acts on; the tiny run's "
+     "barely trained policy rarely ends within 16 tokens"),
+)
+
+# What the package keeps off the terminal (see rlhf_lightning/terminal.py): none may show.
+SILENCED = (
+    "LightningCLI's args parameter",  # each stage's command line, run in-process
+    "litlogger",  # Lightning's cloud-logger tip
+    "LeafSpec",  # Lightning internals under torch >= 2.10
+    "in eval mode at the start of training",  # PPO's frozen reference and reward model
+    "pre-optimization state",  # ModelCheckpoint's advice for manual optimisation (PPO)
+    "passing in an `attention_mask`",  # transformers drops the mask the package passed
+    "Writing model shards",  # transformers' progress bars, for tiny local models
+    "Loading weights",
+    "LOAD REPORT",  # the reward model's new head: one line of the package's instead
+    "will save all targets and predictions",  # SpearmanCorrCoef on small validation sets
+)
 
 
 def tiny_stage_configs(run: Path) -> Path:
@@ -64,11 +90,29 @@ def write_prompts(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
+def test_pipeline_report_skip_and_determinism(tmp_path: Path, capfd):
     first, second = tmp_path / "a", tmp_path / "b"
-    for run in (first, second):
-        run.mkdir()
-        assert main(["pipeline", "--config", str(tiny_stage_configs(run))]) == 0
+    with terminal_output() as (log_lines, caught):
+        for run in (first, second):
+            run.mkdir()
+            assert main(["pipeline", "--config", str(tiny_stage_configs(run))]) == 0
+        # the package's warning filters lasted only while its calls ran
+        rules = (terminal.LIGHTNING_LEAFSPEC, terminal.MANUAL_OPTIMISATION_CHECKPOINT, terminal.SPEARMAN_BUFFER,
+                 terminal.eval_mode_rule(0))
+        assert not [f for f in warnings.filters if getattr(f[3], "pattern", f[3]) in {r[2] for r in rules}]
+    out, err = capfd.readouterr()
+    # A quiet terminal: Lightning's useful lines and the package's own, none of the silenced
+    # messages, and no Python warning outside ALLOWED_WARNINGS.
+    shown = "\n".join([out, err, *log_lines])
+    for noise in SILENCED:
+        assert noise not in shown, noise
+    assert not re.search(r"Epoch \d+/-\d", shown)  # the SFT bar under max_steps reads "Epoch 0"
+    for kept in ("[pipeline] sft: rlhf-lightning fit", "Trainable params", "`Trainer.fit` stopped: `max_steps=30` reached",
+                 f"reward model: new scalar head on {first / 'sft/model'} (score.weight)", "gold win rate PPO vs SFT"):
+        assert kept in shown, kept
+    unexpected = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                  if not any(issubclass(w.category, c) and re.match(m, str(w.message)) for c, m, _ in ALLOWED_WARNINGS)]
+    assert not unexpected, "\n".join(unexpected)
     summary = json.loads((first / "summary.json").read_text())
     assert 0.0 <= summary["gold_win_rate"] <= 1.0
     # The user's judge scored the final comparison, the noise ceiling, the reward stage's
@@ -101,9 +145,9 @@ def test_pipeline_report_skip_and_determinism(tmp_path: Path, capsys):
     assert other["ppo"] == summary["ppo"]
 
     # A second run in the same folder skips the finished stages and reports the same numbers.
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["pipeline", "--config", str(first / "pipeline.yaml")]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert printed.count("is complete, skipping") == 3
     assert "tokenizer: " + str(first / "tokenizer") + " exists, skipping" in printed
     assert json.loads((first / "summary.json").read_text())["comparison"] == summary["comparison"]

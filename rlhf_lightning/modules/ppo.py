@@ -22,7 +22,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
-from torchmetrics.regression import SpearmanCorrCoef
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import ppo_math as pm
@@ -43,6 +42,13 @@ from ..rollout import (
     RolloutLoop,
     response_logprobs,
     token_values,
+)
+from ..terminal import (
+    MANUAL_OPTIMISATION_CHECKPOINT,
+    eval_mode_rule,
+    ignore_warnings,
+    restore_warnings,
+    spearman_corrcoef,
 )
 from ..text_logging import log_text_samples
 from .export import ExportingModule, export_at_fit_end
@@ -307,13 +313,13 @@ class PPOModule(ExportingModule):
         elif self.reward_fn is not None:
             self.reward_scorer = CallableScorer(self.reward_fn)
         if self.needs_critic:
-            self.critic = load_sequence_scorer(critic_source or hp.policy, self.tokenizer).train()
+            self.critic = load_sequence_scorer(critic_source or hp.policy, self.tokenizer, role="critic").train()
         self.policy.train()
         for name in ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
                      "gold_win_rate", "validity", "ref_validity"):
             self.eval_metrics[name] = MeanMetric()
         for name in ("reward_gold_spearman", "ref_reward_gold_spearman"):
-            self.eval_metrics[name] = SpearmanCorrCoef()
+            self.eval_metrics[name] = spearman_corrcoef()
 
     @staticmethod
     def _frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -554,6 +560,21 @@ class PPOModule(ExportingModule):
                 "inside training_step breaks under FSDP1, and FSDP2 sharding is not applied by the "
                 "package yet; use strategy=ddp or deepspeed (see docs/scaling.md)"
             )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # Until teardown, two Lightning warnings that do not apply: the reference and the reward
+        # model are frozen in eval mode on purpose (the warning still shows if any other module
+        # is in eval mode: it counts them all), and a checkpoint after a whole iteration is the
+        # state to resume from (the advice for manual optimisation is to save the pre-step state).
+        frozen = sum(not m.training for f in (self.reference, getattr(self, "reward_model", None)) if f is not None
+                     for m in f.modules())
+        rules = [MANUAL_OPTIMISATION_CHECKPOINT, *([eval_mode_rule(frozen)] if frozen else [])]
+        self._ignored_warnings = ignore_warnings(*rules)
+
+    def teardown(self, stage: str) -> None:
+        restore_warnings(getattr(self, "_ignored_warnings", []))
+        self._ignored_warnings = []
 
     def export_keys(self) -> tuple[str, ...]:
         return ("policy_export_dir", "critic_export_dir") if self.needs_critic else ("policy_export_dir",)

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
-from torchmetrics.regression import SpearmanCorrCoef
 from transformers import PreTrainedModel
 
 from ..data.encoding import attention_mask_for, encode_preference, pad
@@ -28,6 +27,7 @@ from ..reward_scoring import (
     token_log_likelihoods,
 )
 from ..rollout import causal_lm_logits
+from ..terminal import spearman_corrcoef
 from .base import HFModelModule
 from .export import export_at_fit_end
 
@@ -141,7 +141,7 @@ class RewardModule(HFModelModule):
         self.val_reward_rejected = MeanMetric()
         self.val_margin = MeanMetric()
         self.val_gold_accuracy = MeanMetric()
-        self.val_gold_spearman = SpearmanCorrCoef()
+        self.val_gold_spearman = spearman_corrcoef()
 
     def configure_model(self) -> None:
         if self.model is not None:
