@@ -229,8 +229,7 @@ def run_round_zero(config: IterateConfig) -> dict[str, Any]:
         ppo=round_stage_config(config.ppo, "ppo", folder, ppo_iterations(config)),
     )
     return run_pipeline(pipeline, extra={"round": 0, "labels": budget, "labels_total": budget, "fresh_accuracy": None,
-                                         "fresh_ceiling": None,
-                                         "prepare_seconds": 0.0})
+                                         "fresh_ceiling": None, "prepare_seconds": 0.0})
 
 
 # --- a later round --------------------------------------------------------------------------
