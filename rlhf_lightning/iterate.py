@@ -55,6 +55,9 @@ from .pipeline import (
     parse_settings,
     run_pipeline,
     run_stages,
+    sft_data_file,
+    stage_init_args,
+    stage_judge,
     write_json,
 )
 from .report import plot
@@ -202,8 +205,9 @@ def ppo_iterations(config: IterateConfig) -> dict[str, Any]:
 
 
 def with_judge(config: IterateConfig, source: str) -> dict[str, Any]:
-    """The loop's judge for a stage config that names none (as the pipeline does)."""
-    return {"judge": config.judge} if config.judge and "judge" not in init_args(load_yaml(source)) else {}
+    """The loop's judge for a stage config that names none (the pipeline's rule)."""
+    judge = stage_judge(config.judge, stage_init_args(source))
+    return {"judge": judge} if judge else {}
 
 
 # --- round 0: the pipeline on the offline labels -------------------------------------------
@@ -216,11 +220,10 @@ def run_round_zero(config: IterateConfig) -> dict[str, Any]:
     offline = write_jsonl(folder / "prefs_train.jsonl", train[:budget])
     held_out = write_jsonl(folder / "prefs_val.jsonl", val)
     # the reward model's normalisation data: the SFT config's own (as the pipeline picks it)
-    sft_data = init_args(load_yaml(config.sft), "data")
-    normalize = sft_data.get("val_file") or sft_data.get("train_file")
+    normalize = sft_data_file(config.sft)
     if not normalize:
         normalize = str(write_jsonl(folder / "sft_val.jsonl", datamodule_records(config.sft)[1]))
-    reward_model = {"normalize_file": init_args(load_yaml(config.reward)).get("normalize_file") or normalize}
+    reward_model = {"normalize_file": stage_init_args(config.reward).get("normalize_file") or normalize}
     pipeline = pipeline_config(
         config, 0,
         sft=round_stage_config(config.sft, "sft", folder),
@@ -272,7 +275,9 @@ def label_with_rater(rater: Any, name: str, items: list[Item], log: AnnotationLo
             if key not in CHOICE:
                 raise UserInputError(f"iterate: rater {name} returned {label!r}; expected 1.0, 0.0, 0.5 or None")
             choice, ranking = CHOICE[key]
-            log.judge(make_judgement(annotator=name, item=content_id(prompt, [a, b]), prompt=prompt, responses=[a, b],
+            # appended without AnnotationLog.judge's re-read of the whole log: the pairs already
+            # labelled were left out above, and the loop is the log's only writer in this mode
+            log.append(make_judgement(annotator=name, item=content_id(prompt, [a, b]), prompt=prompt, responses=[a, b],
                                      shown=[0, 1], choice=choice, ranking=ranking))
 
 
@@ -311,7 +316,7 @@ def label_in_browser(config: IterateConfig, number: int, pool: CandidatePool, ge
 def label_round(config: IterateConfig, number: int, policy: str, prompts: list[Record], rater: Any) -> list[Record]:
     """Sample the round's candidates and get them labelled; returns the round's pairs."""
     folder = config.round_dir(number)
-    generation = GenerationSettings(**(init_args(load_yaml(config.ppo)).get("generation") or {}))
+    generation = GenerationSettings(**(stage_init_args(config.ppo).get("generation") or {}))
     pool = CandidatePool(expected=len(prompts))
     generator = CandidateGenerator(policy, prompts, folder / "candidates.jsonl", pool,
                                    SamplingSettings(k=config.k, generation=generation, seed=config.seed + number))
@@ -338,7 +343,7 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
     sft, last_reward, last_policy = (previous["outputs"][stage] for stage in ("sft", "reward", "ppo"))
     slice_ = prompts[(number - 1) * config.prompts_per_round : number * config.prompts_per_round]
     fresh = label_round(config, number, last_policy, slice_, rater)
-    max_length = init_args(load_yaml(config.reward), "data").get("max_length") or 256
+    max_length = stage_init_args(config.reward, "data").get("max_length") or 256
     fresh_accuracy = reward_model_accuracy(last_reward, fresh, max_length)  # before it trains on them
     judge = load_judge(config.judge)
     fresh_ceiling = label_agreement(fresh, judge) if judge is not None else None

@@ -64,29 +64,43 @@ class PipelineConfig:
     tokenizer_vocab_size: int = DEFAULT_VOCAB_SIZE
 
 
-def _init_args(config_path: str, section: str = "model") -> dict[str, Any]:
+def stage_init_args(config_path: str | Path, section: str = "model") -> dict[str, Any]:
+    """The ``init_args`` of a stage config's ``model`` (or ``data``) section, read only."""
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     return (config.get(section) or {}).get("init_args") or {}
+
+
+def sft_data_file(sft_config: str | Path) -> str | None:
+    """The SFT config's own data file that the reward model normalises on: its ``val_file``,
+    else its ``train_file`` (None when it reads a task)."""
+    data = stage_init_args(sft_config, "data")
+    return data.get("val_file") or data.get("train_file")
+
+
+def stage_judge(judge: str | None, stage_args: dict[str, Any]) -> str | None:
+    """The pipeline's judge for a stage whose config names none (one that names a judge, or
+    ``judge: null``, keeps its own)."""
+    return judge if judge and "judge" not in stage_args else None
 
 
 def prepare_tokenizer(config: PipelineConfig) -> bool:
     """Train the SFT config's ``tokenizer_name_or_path`` on its training data when the folder
     is missing or ``redo`` names the tokenizer; True when it was (re)trained."""
-    folder = _init_args(config.sft).get("tokenizer_name_or_path")
+    folder = stage_init_args(config.sft).get("tokenizer_name_or_path")
     if not folder:
         return False
     if TOKENIZER not in config.redo and has_tokenizer_files(folder):
         print(f"[pipeline] tokenizer: {folder} exists, skipping (redo with --redo '[tokenizer]')")
         return False
     print(f"[pipeline] tokenizer: training a BPE tokenizer (vocab <= {config.tokenizer_vocab_size}) into {folder}")
-    train_tokenizer_folder(folder, _init_args(config.sft, "data"), config.tokenizer_vocab_size)
+    train_tokenizer_folder(folder, stage_init_args(config.sft, "data"), config.tokenizer_vocab_size)
     return True
 
 
 def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
     """The stages to run: all three, or SFT and PPO when the PPO config scores with its own
     ``reward_fn`` (a rule, or a judge as an oracle reward) and needs no reward model."""
-    return ("sft", "ppo") if _init_args(config.ppo).get("reward_fn") else STAGES
+    return ("sft", "ppo") if stage_init_args(config.ppo).get("reward_fn") else STAGES
 
 
 def stage_outputs(config: PipelineConfig) -> dict[str, str]:
@@ -95,7 +109,7 @@ def stage_outputs(config: PipelineConfig) -> dict[str, str]:
     stages = {"sft": (config.sft, "export_dir"), "reward": (config.reward, "export_dir"), "ppo": (config.ppo, "policy_export_dir")}
     for stage in pipeline_stages(config):
         path, key = stages[stage]
-        outputs[stage] = _init_args(path).get(key)
+        outputs[stage] = stage_init_args(path).get(key)
         if not outputs[stage]:
             raise UserInputError(f"{path}: model.init_args.{key} must name the stage's output folder")
     return outputs
@@ -109,15 +123,15 @@ OVERWRITE = "--model.init_args.overwrite_export=true"
 def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
     """``fit`` arguments of each stage, wired to the previous stages' exports (and to the
     pipeline's judge, and to the user's SFT data for the reward model's normalisation)."""
-    reward_args = _init_args(config.reward) if "reward" in outputs else {}
-    ppo_args = _init_args(config.ppo)
+    reward_args = stage_init_args(config.reward) if "reward" in outputs else {}
+    ppo_args = stage_init_args(config.ppo)
 
     def judge(stage_args: dict[str, Any]) -> list[str]:
-        return [f"--model.init_args.judge={config.judge}"] if config.judge and "judge" not in stage_args else []
+        found = stage_judge(config.judge, stage_args)
+        return [f"--model.init_args.judge={found}"] if found else []
 
     # Reward normalisation (mean reward of SFT demonstrations = 0) on the user's own SFT data.
-    sft_data = _init_args(config.sft, "data")
-    sft_file = sft_data.get("val_file") or sft_data.get("train_file")
+    sft_file = sft_data_file(config.sft)
     normalize = [f"--model.init_args.normalize_file={sft_file}"] if sft_file and not reward_args.get("normalize_file") else []
     return {
         "sft": ["fit", "--config", config.sft, OVERWRITE],
@@ -223,7 +237,7 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     prompts = [r["prompt"] for r in records]
     if not prompts:
         raise UserInputError(f"{config.ppo}: no validation prompts for the final comparison; hint: set eval_prompts")
-    generation = GenerationSettings(**(_init_args(config.ppo).get("generation") or {}))
+    generation = GenerationSettings(**(stage_init_args(config.ppo).get("generation") or {}))
     comparison, rows = compare_policies(
         outputs["ppo"], outputs["sft"], prompts, reward_model_dir=outputs.get("reward"),
         generation=generation, judge=judge, seed=config.seed,
