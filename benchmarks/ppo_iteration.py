@@ -23,7 +23,7 @@ from rlhf_lightning.data.records import write_jsonl
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import byte_tokenizer
 from rlhf_lightning.modules import PPOModule, PPOSettings
-from rlhf_lightning.rollout import GenerationSettings
+from rlhf_lightning.generation import GenerationSettings
 
 ENV = {k: int(os.environ.get(k, d)) for k, d in dict(BATCH=32, PROMPT_LEN=16, RESPONSE_LEN=48, PPO_EPOCHS=4,
                                                       MINIBATCHES=4, ITERS=6, N_EMBD=128, N_LAYER=4, VOCAB=0,

@@ -31,8 +31,8 @@ import yaml
 from rlhf_lightning.data.encoding import attention_mask_for, encode_preference, pad
 from rlhf_lightning.evaluation import rank_correlation
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer
-from rlhf_lightning.modules.reward import pair_accuracy
-from rlhf_lightning.reward_scoring import score_sequences
+from rlhf_lightning.forwards import score_sequences
+from rlhf_lightning.rlhf_math import pair_accuracy
 from rlhf_lightning.tasks import DEFAULT_SIZES, SentimentTask
 from rlhf_lightning.tasks import label_agreement as judged_agreement
 from rlhf_lightning.tasks.sentiment import gold_score, is_fluent, judge

@@ -35,8 +35,8 @@ import yaml
 from rlhf_lightning.best_of_n import best_of_n_kl, sample_candidates, score_candidates
 from rlhf_lightning.cli import main as cli_main
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer
-from rlhf_lightning.rewards import CallableScorer, RewardModelScorer
-from rlhf_lightning.rollout import GenerationSettings
+from rlhf_lightning.reward_sources import CallableScorer, RewardModelScorer
+from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.tasks import BUILTIN_TASKS, get_task, import_object
 
 ROOT = Path(__file__).resolve().parents[1]

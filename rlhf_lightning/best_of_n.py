@@ -20,10 +20,9 @@ from torch import Tensor
 from .data.encoding import attention_mask_for, encode_prompt, pad
 from .data.records import read_prompts, write_jsonl
 from .errors import UserInputError
-from .evaluation import sample_responses
 from .models import load_causal_lm, load_reward_model, load_tokenizer
-from .rewards import CallableScorer, RewardModelScorer
-from .rollout import GenerationSettings, Responses, RolloutLoop
+from .generation import GenerationSettings, Responses, sample
+from .reward_sources import CallableScorer, RewardModelScorer
 
 Scorer = Callable[[Responses], Tensor]
 
@@ -50,14 +49,13 @@ def sample_candidates(
         raise ValueError(f"n must be >= 1, got {n}")
     tokenizer = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir, tokenizer).eval()
-    loop = RolloutLoop(policy=policy, reference=policy, critic=None, score_fn=None, tokenizer=tokenizer,
-                       generation=generation or GenerationSettings())
+    generation = generation or GenerationSettings()
     per_chunk = max(1, batch_size // n)
     chunks = []
     for start in range(0, len(prompts), per_chunk):
         ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + per_chunk] for _ in range(n)]
         prompt_ids, prompt_mask = pad(ids, tokenizer.pad_token_id, "left"), attention_mask_for(ids, "left")
-        chunks.append(sample_responses(loop, policy, prompt_ids, prompt_mask, seed + start))
+        chunks.append(sample(policy, tokenizer, generation, prompt_ids, prompt_mask, seed + start))
     return chunks
 
 

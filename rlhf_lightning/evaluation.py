@@ -7,19 +7,23 @@ given) judges the pair (win rate, gold score, validity).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.functional import spearman_corrcoef
 
-from . import ppo_math as pm
+from . import rlhf_math as pm
 from .data.encoding import attention_mask_for, encode_preference, encode_prompt, pad
 from .data.records import Record
 from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
-from .reward_scoring import pair_accuracy, score_sequences
-from .rewards import RewardModelScorer, TextRewardFn
-from .rollout import GenerationSettings, Responses, RolloutLoop, response_logprobs
+from .forwards import response_logprobs, score_sequences
+from .generation import GenerationSettings, Responses, sample
+from .reward_sources import RewardModelScorer, TextRewardFn
+from .rlhf_math import pair_accuracy
+from .terminal import spearman_corrcoef as spearman_metric
 
 
 @dataclass
@@ -46,20 +50,6 @@ class PolicyComparison:
         return asdict(self)
 
 
-def sample_responses(
-    loop: RolloutLoop, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
-) -> Responses:
-    """Responses of ``model`` sampled with ``loop``'s settings under a fixed ``seed``.
-
-    The global RNG is left as it was, so evaluating never changes what training samples next.
-    """
-    devices = [] if prompt_ids.device.type == "cpu" else [prompt_ids.device]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        response_ids, response_mask = replace(loop, policy=model).generate(prompt_ids, prompt_mask)
-    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, loop.tokenizer)
-
-
 #: A gold judge has the signature of a text reward function (and may have ``is_valid``).
 JudgeFn = TextRewardFn
 
@@ -79,7 +69,102 @@ def judge_pairs(judge: JudgeFn, prompts: list[str], completions: list[str], base
     return judged
 
 
+
+class ComparisonMetrics(torch.nn.Module):
+    """Running averages of a policy-against-reference comparison over validation batches (PPO's
+    ``eval/*`` metrics): reward scores, KL, length and EOS rate of the policy's samples, and with a
+    judge the gold scores, validity, win rate and the reward's Spearman correlation with the
+    judge on each policy's samples. Metrics never updated are left out of :meth:`compute`."""
+
+    MEANS = ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
+             "gold_win_rate", "validity", "ref_validity")
+    #: metric name -> the key of :func:`judge_pairs`'s result it averages
+    JUDGED = {"gold_score": "gold", "ref_gold_score": "baseline_gold", "gold_win_rate": "win",
+              "validity": "validity", "ref_validity": "baseline_validity"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in self.MEANS})
+        for name in ("reward_gold_spearman", "ref_reward_gold_spearman"):
+            self.metrics[name] = spearman_metric()
+
+    def update(self, batch: BatchComparison, eos_token_id: int) -> None:
+        """One batch of :func:`compare_batch` (with a reward source)."""
+        m, scores, ref_scores, judged, policy = self.metrics, batch.scores, batch.baseline_scores, batch.judged, batch.policy
+        m["score"].update(scores)
+        m["ref_score"].update(ref_scores)
+        m["kl"].update(batch.kl)
+        m["response_length"].update(policy.response_mask.sum(1).float())
+        m["eos_rate"].update(pm.has_eos(policy.response_ids, eos_token_id).float())
+        if judged is not None:
+            for name, key in self.JUDGED.items():
+                if key in judged:
+                    m[name].update(scores.new_tensor(judged[key]))
+            m["reward_gold_spearman"].update(scores, scores.new_tensor(judged["gold"]))
+            m["ref_reward_gold_spearman"].update(ref_scores, ref_scores.new_tensor(judged["baseline_gold"]))
+
+    def compute(self) -> dict[str, Tensor]:
+        """The averages so far, then reset for the next validation."""
+        values = {name: metric.compute() for name, metric in self.metrics.items() if metric.update_called}
+        for metric in self.metrics.values():
+            metric.reset()
+        return values
+
+
+@dataclass
+class BatchComparison:
+    """A policy's and a baseline's samples on the same prompts under the same seed: reward scores
+    ``(b,)`` of each (None without a reward source), the policy's KL to the baseline ``(b,)`` on its
+    own samples, and the judge's verdicts (:func:`judge_pairs`; None without a judge)."""
+
+    policy: Responses
+    baseline: Responses
+    scores: Tensor | None
+    baseline_scores: Tensor | None
+    kl: Tensor
+    judged: dict[str, list[float]] | None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per prompt: both responses with their scores and lengths, and the judge's keys."""
+        none = [None] * len(self.policy.prompts)
+        scores = none if self.scores is None else self.scores.tolist()
+        baseline_scores = none if self.baseline_scores is None else self.baseline_scores.tolist()
+        rows = []
+        for i, prompt in enumerate(self.policy.prompts):
+            row = {
+                "prompt": prompt,
+                "response": self.policy.completions[i], "score": scores[i], "length": int(self.policy.response_mask[i].sum()),
+                "baseline_response": self.baseline.completions[i], "baseline_score": baseline_scores[i],
+                "baseline_length": int(self.baseline.response_mask[i].sum()),
+            }
+            row.update({key: values[i] for key, values in (self.judged or {}).items()})
+            rows.append(row)
+        return rows
+
+
 @torch.no_grad()
+def compare_batch(
+    policy: torch.nn.Module,
+    baseline: torch.nn.Module,
+    tokenizer: Any,
+    generation: GenerationSettings,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    seed: int,
+    score_fn: Any = None,
+    judge: JudgeFn | None = None,
+) -> BatchComparison:
+    """Sample ``policy`` and ``baseline`` on left-padded prompts with the same ``seed`` (the global
+    RNG is left as it was) and compare them: ``score_fn`` (``Responses -> (b,)``) scores both, KL
+    is measured on the policy's samples, and ``judge`` judges the pair."""
+    mine, theirs = (sample(model, tokenizer, generation, prompt_ids, prompt_mask, seed) for model in (policy, baseline))
+    scores = None if score_fn is None else score_fn(mine).float()
+    baseline_scores = None if score_fn is None else score_fn(theirs).float()
+    kl = sequence_kl(policy, baseline, mine, generation.temperature)
+    judged = None if judge is None else judge_pairs(judge, mine.prompts, mine.completions, theirs.completions)
+    return BatchComparison(mine, theirs, scores, baseline_scores, kl, judged)
+
+
 def compare_policies(
     policy_dir: str,
     baseline_dir: str,
@@ -99,29 +184,15 @@ def compare_policies(
     if reward_model_dir is not None:
         reward_tokenizer = load_tokenizer(reward_model_dir)
         scorer = RewardModelScorer(load_sequence_scorer(reward_model_dir, reward_tokenizer), reward_tokenizer, tokenizer)
-    loop = RolloutLoop(policy=policy, reference=baseline, critic=None, score_fn=None, tokenizer=tokenizer,
-                       generation=generation or GenerationSettings())
+    generation = generation or GenerationSettings()
     rows: list[dict[str, Any]] = []
     kls: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids = [encode_prompt(tokenizer, p) for p in chunk]
+        ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         prompt_ids, prompt_mask = pad(ids, tokenizer.pad_token_id, "left"), attention_mask_for(ids, "left")
-        mine = sample_responses(loop, policy, prompt_ids, prompt_mask, seed + start)
-        theirs = sample_responses(loop, baseline, prompt_ids, prompt_mask, seed + start)
-        scores = scorer(mine).tolist() if scorer else [None] * len(chunk)
-        baseline_scores = scorer(theirs).tolist() if scorer else [None] * len(chunk)
-        kls += sequence_kl(policy, baseline, mine, loop.generation.temperature).tolist()
-        judged = judge_pairs(judge, chunk, mine.completions, theirs.completions) if judge is not None else {}
-        for i, prompt in enumerate(chunk):
-            row = {
-                "prompt": prompt,
-                "response": mine.completions[i], "score": scores[i], "length": int(mine.response_mask[i].sum()),
-                "baseline_response": theirs.completions[i], "baseline_score": baseline_scores[i],
-                "baseline_length": int(theirs.response_mask[i].sum()),
-            }
-            row.update({key: values[i] for key, values in judged.items()})
-            rows.append(row)
+        comparison = compare_batch(policy, baseline, tokenizer, generation, prompt_ids, prompt_mask, seed + start, scorer, judge)
+        rows += comparison.rows()
+        kls += comparison.kl.tolist()
     return summarise(rows, kls), rows
 
 

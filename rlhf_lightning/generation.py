@@ -7,13 +7,73 @@ defaults, such as ``top_k=50``, never leak in), and responses cut after the firs
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.encoding import attention_mask_for, encode_prompt, pad
+from .rlhf_math import first_eos_mask
 from .terminal import ATTENTION_MASK_ADVICE, held_log_records
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are sampled; PPO's log-probs use the same ``temperature``.
+
+    Args:
+        max_new_tokens: the longest response in tokens (>= 1); a response that reaches it
+            without EOS is "missing EOS".
+        min_new_tokens: EOS is forbidden before this many tokens (>= 0).
+        temperature: logits are divided by it before sampling and before every log-prob (> 0).
+        top_k: sample among the k most likely tokens only (0: all). PPO's log-probs are those of
+            the full distribution, so anything but 0 makes them differ from the sampler's.
+        top_p: nucleus sampling mass (1.0: all); the same caveat as ``top_k``.
+    """
+
+    max_new_tokens: int = 48
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class Responses:
+    """Sampled responses: token ids with masks, and the decoded texts (what a reward source sees).
+
+    ``prompt_ids``/``prompt_mask`` ``(b, p)`` are left-padded; ``response_ids``/``response_mask``
+    ``(b, r)`` hold the response up to and including its first EOS. ``prompts`` and
+    ``completions`` (the texts, without special tokens or padding) are decoded on first use,
+    so a reward that reads only ids never pays for decoding.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    tokenizer: PreTrainedTokenizerBase
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        return decode_responses(self.tokenizer, self.prompt_ids)
+
+    @cached_property
+    def completions(self) -> list[str]:
+        return decode_responses(self.tokenizer, self.response_ids)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """Prompt and response ids side by side ``(b, p + r)``."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """1 on real prompt and response tokens; padding on both sides is 0."""
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
 
 
 def sampling_config(
@@ -68,6 +128,38 @@ def generate_responses(
     return sequences[:, prompt_ids.shape[1] :]
 
 
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: GenerationSettings,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    seed: int | None = None,
+    synced_gpus: bool = False,
+) -> Responses:
+    """Sample one response per left-padded prompt with ``settings``, in eval mode (the model's
+    mode is restored). Tokens after a response's first EOS become padding and are masked out.
+
+    With ``seed`` the sampling is reproducible and the global RNG is left as it was, so that
+    evaluating never changes what training samples next; without it the global RNG is used.
+    """
+    config = sampling_config(tokenizer, **asdict(settings))
+    kwargs = {"synced_gpus": True} if synced_gpus else {}
+    was_training = model.training
+    model.eval()
+    try:
+        devices = [] if prompt_ids.device.type == "cpu" else [prompt_ids.device]
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            response_ids = generate_responses(model, prompt_ids, prompt_mask, config, **kwargs)
+    finally:
+        model.train(was_training)
+    response_mask = first_eos_mask(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response_ids = response_ids.masked_fill(~response_mask, tokenizer.pad_token_id)
+    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+
+
 def decode_responses(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:
     """Texts of ``(b, t)`` token ids, without special tokens or padding.
 
@@ -86,19 +178,11 @@ def sample_texts(
     seed: int | None = 0,
     **sampling: Any,
 ) -> list[str]:
-    """Sample one completion per prompt text; with ``seed`` the global RNG is left untouched."""
+    """Sample one completion per prompt text (:func:`sample`); ``sampling``: the other fields of
+    :class:`GenerationSettings`."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
     prompt_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)
     prompt_mask = attention_mask_for(ids, side="left").to(device)
-    config = sampling_config(tokenizer, max_new_tokens, **sampling)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            responses = generate_responses(model, prompt_ids, prompt_mask, config)
-    finally:
-        model.train(was_training)
-    return decode_responses(tokenizer, responses)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, **sampling)
+    return sample(model, tokenizer, settings, prompt_ids, prompt_mask, seed).completions

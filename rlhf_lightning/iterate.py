@@ -61,7 +61,7 @@ from .pipeline import (
     write_json,
 )
 from .report import plot
-from .rollout import GenerationSettings
+from .generation import GenerationSettings
 from .tokenizer_training import DEFAULT_VOCAB_SIZE
 
 BROWSER = "browser"

@@ -1,10 +1,12 @@
-"""AdamW with decoupled weight decay and a warmup + decay schedule, shared by every stage."""
+"""AdamW with decoupled weight decay and a warmup + decay schedule, shared by every stage, and
+the optimiser step of manual optimisation (PPO): clip, step, and an empty step for a skipped one."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+from lightning.pytorch import LightningModule
 from transformers import get_scheduler
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -36,3 +38,51 @@ def warmup_schedule(
     return get_scheduler(
         scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
     )
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The L2 norm of all gradients the optimiser would apply; 0 under a strategy that keeps
+    gradients off the parameters (DeepSpeed), where no step is skipped."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def loss_scaled(module: LightningModule) -> bool:
+    """Whether the Trainer's precision uses a loss scaler (fp16), which skips a step with
+    non-finite gradients and backs off by itself."""
+    return getattr(module.trainer.precision_plugin, "scaler", None) is not None
+
+
+def clipped_step(module: LightningModule, max_grad_norm: float) -> torch.Tensor:
+    """One optimiser step under manual optimisation, after the backward passes: clip the
+    gradient norm to ``max_grad_norm``, step the optimiser and the schedule, and return the
+    norm (after clipping).
+
+    A non-finite norm (a NaN loss gives NaN gradients, and DDP's all-reduce hands them to every
+    rank, so all ranks decide alike) drops the gradients: the step is then empty. It changes no
+    weight and no optimiser state, but Lightning's ``global_step`` and the schedule advance, so
+    checkpoints keep their cadence. Under fp16 the loss scaler skips it instead.
+    """
+    optimizer, scheduler = module.optimizers(), module.lr_schedulers()
+    module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+    grad_norm = gradient_norm(optimizer)
+    if not torch.isfinite(grad_norm) and not loss_scaled(module):
+        optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm
+
+
+def empty_steps(module: LightningModule, count: int) -> None:
+    """``count`` empty optimiser steps (see :func:`clipped_step`) for an update that is skipped
+    as a whole; none under a loss scaler, which refuses a step without gradients."""
+    if loss_scaled(module):
+        return
+    optimizer, scheduler = module.optimizers(), module.lr_schedulers()
+    optimizer.zero_grad(set_to_none=True)
+    for _ in range(count):
+        optimizer.step()
+        scheduler.step()

@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from .errors import UserInputError
 from .models import has_tokenizer_files, is_complete_hf_folder
 from .report import read_scalars, write_report
-from .rollout import GenerationSettings
+from .generation import GenerationSettings
 from .tokenizer_training import DEFAULT_VOCAB_SIZE, train_tokenizer_folder
 
 STAGES = ("sft", "reward", "ppo")

@@ -1,7 +1,7 @@
 """One round of PPO experience: generate, score, and turn scores into advantages.
 
 :class:`RolloutLoop` owns the data flow of a rollout and nothing else; the math is in
-:mod:`rlhf_lightning.ppo_math`, the reward comes from any callable, and no LightningModule is
+:mod:`rlhf_lightning.rlhf_math`, the reward comes from any callable, and no LightningModule is
 imported here, so a rollout can be run and tested on its own::
 
     prompts --generate--> responses (cut after the first EOS)
@@ -15,69 +15,20 @@ The estimator is GAE with a critic (``gae``), or one of the critic-free ones (``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, fields, replace
-from functools import cached_property
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import ppo_math as pm
-from .generation import decode_responses, generate_responses, sampling_config
-from .reward_scoring import hidden_states, position_ids_from_mask, scalar_head
-
-
-@dataclass
-class GenerationSettings:
-    """How responses are sampled; the same ``temperature`` rescales logits for log-probs."""
-
-    max_new_tokens: int = 48
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-
-@dataclass
-class Responses:
-    """What a reward source sees: token ids with masks, and the decoded texts.
-
-    ``prompt_ids``/``prompt_mask`` ``(b, p)`` are left-padded; ``response_ids``/``response_mask``
-    ``(b, r)`` hold the response up to and including its first EOS. ``prompts`` and
-    ``completions`` (the texts, without special tokens or padding) are decoded on first use,
-    so a reward that reads only ids never pays for decoding.
-    """
-
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    response_ids: Tensor
-    response_mask: Tensor
-    tokenizer: PreTrainedTokenizerBase
-
-    @cached_property
-    def prompts(self) -> list[str]:
-        return decode_responses(self.tokenizer, self.prompt_ids)
-
-    @cached_property
-    def completions(self) -> list[str]:
-        return decode_responses(self.tokenizer, self.response_ids)
-
-    @property
-    def input_ids(self) -> Tensor:
-        """Prompt and response ids side by side ``(b, p + r)``."""
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        """1 on real prompt and response tokens; padding on both sides is 0."""
-        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+from . import rlhf_math as pm
+from .forwards import response_logprobs, token_values
+from .generation import GenerationSettings, Responses, sample
+from .ppo_settings import ADVANTAGE_ESTIMATORS, KLSettings, PPOSettings, ScoreSettings
 
 
 ScoreFn = Callable[[Responses], Tensor]
-
-#: ``advantage_estimator`` values; the last three compare the responses to one prompt (a group).
-ADVANTAGE_ESTIMATORS = ("gae", "reinforce_pp", "rloo", "grpo", "dr_grpo")
-GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
 
 
 @dataclass
@@ -123,31 +74,6 @@ class RolloutBatch:
     attention_mask = Responses.attention_mask
 
 
-def causal_lm_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits ``(b, s, v)`` with position ids built from the mask (left padding is safe)."""
-    position_ids = position_ids_from_mask(attention_mask)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-
-
-def response_logprobs(
-    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Log-probs ``(b, r)`` of the last ``response_length`` tokens, and the logits that gave them.
-
-    The logits at position ``i`` predict token ``i + 1``, so the response's predictions are
-    the ``r`` positions before the last one.
-    """
-    logits = causal_lm_logits(model, input_ids, attention_mask)
-    response_logits = logits[:, -response_length - 1 : -1]
-    return pm.logprobs_from_logits(response_logits, input_ids[:, -response_length:], temperature), response_logits
-
-
-def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
-    """Critic values ``(b, r)``: the scalar head on each position that predicts a response token."""
-    hidden = hidden_states(model, input_ids, attention_mask)
-    return scalar_head(model)(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
-
-
 @dataclass
 class RolloutLoop:
     """Makes a :class:`RolloutBatch` from a batch of left-padded prompts.
@@ -168,7 +94,7 @@ class RolloutLoop:
             prompt ``ppo.samples_per_prompt`` times).
         score_baseline: ``none``, or ``leave_one_out``: each score minus the mean score of the
             other responses in its group before shaping
-            (:func:`~rlhf_lightning.ppo_math.leave_one_out_scores`); ``RolloutBatch.scores``
+            (:func:`~rlhf_lightning.rlhf_math.leave_one_out_scores`); ``RolloutBatch.scores``
             keeps the raw scores.
         advantage_estimator: one of :data:`ADVANTAGE_ESTIMATORS` (see :meth:`estimate_advantages`).
         forward_batch_size: rows per no-grad forward, to bound memory on large batches.
@@ -194,18 +120,24 @@ class RolloutLoop:
     all_reduce: Callable[[Tensor], Tensor] | None = None
     synced_gpus: bool = False
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Sample responses; tokens after the first EOS become padding and are masked out."""
-        config = sampling_config(self.tokenizer, **vars(self.generation))
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            kwargs = {"synced_gpus": True} if self.synced_gpus else {}
-            responses = generate_responses(self.policy, prompt_ids, prompt_mask, config, **kwargs)
-        finally:
-            self.policy.train(was_training)
-        response_mask = pm.first_eos_mask(responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-        return responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), response_mask
+    @classmethod
+    def from_settings(
+        cls, policy: PreTrainedModel, reference: PreTrainedModel, critic: PreTrainedModel | None, score_fn: ScoreFn,
+        tokenizer: PreTrainedTokenizerBase, generation: GenerationSettings, ppo: PPOSettings, kl: KLSettings,
+        scores: ScoreSettings, **options: Any,
+    ) -> RolloutLoop:
+        """A loop configured by the PPO module's settings; ``options``: the other fields
+        (``forward_batch_size``, ``all_reduce``, ``synced_gpus``)."""
+        return cls(
+            policy=policy, reference=reference, critic=critic, score_fn=score_fn, tokenizer=tokenizer, generation=generation,
+            kl_estimator=kl.estimator, gamma=ppo.gamma, lam=ppo.lam, missing_eos_penalty=scores.missing_eos_penalty,
+            missing_eos_mode=scores.missing_eos_mode, score_clip=scores.clip, group_size=ppo.samples_per_prompt,
+            score_baseline=scores.baseline, advantage_estimator=ppo.advantage_estimator, **options,
+        )
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Responses:
+        """Sample one response per prompt from the policy (:func:`~rlhf_lightning.generation.sample`)."""
+        return sample(self.policy, self.tokenizer, self.generation, prompt_ids, prompt_mask, synced_gpus=self.synced_gpus)
 
     @torch.no_grad()
     def forward_statistics(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -242,9 +174,9 @@ class RolloutLoop:
 
         * ``gae``: :meth:`advantages`, whitened over the real tokens of all processes.
         * ``reinforce_pp``, ``rloo``: the returns-to-go of ``rewards``, whitened the same way
-          (:func:`~rlhf_lightning.ppo_math.reinforce_pp_advantages`).
+          (:func:`~rlhf_lightning.rlhf_math.reinforce_pp_advantages`).
         * ``grpo``, ``dr_grpo``: each response's group-normalised score on every one of its
-          tokens (:func:`~rlhf_lightning.ppo_math.grpo_advantages`; ``dr_grpo`` without the
+          tokens (:func:`~rlhf_lightning.rlhf_math.grpo_advantages`; ``dr_grpo`` without the
           std), not whitened again, as TRL's ``GRPOTrainer``.
 
         Without a critic the returns are zeros (nothing regresses on them).
@@ -263,15 +195,12 @@ class RolloutLoop:
 
     def run(self, prompt_ids: Tensor, prompt_mask: Tensor, kl_coef: float) -> RolloutBatch:
         """One rollout on left-padded ``prompt_ids`` ``(b, p)`` with KL coefficient ``kl_coef``."""
-        response_ids, response_mask = self.generate(prompt_ids, prompt_mask)
-        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
+        responses = self.generate(prompt_ids, prompt_mask)
+        response_ids, response_mask = responses.response_ids, responses.response_mask
         logprobs, ref_logprobs, values = (
             x.masked_fill(~response_mask, 0.0)
-            for x in self.forward_statistics(input_ids, attention_mask, response_ids.shape[1])
+            for x in self.forward_statistics(responses.input_ids, responses.attention_mask, response_ids.shape[1])
         )
-
-        responses = Responses(prompt_ids, prompt_mask, response_ids, response_mask, self.tokenizer)
         with torch.no_grad():
             scores = self.score_fn(responses).to(logprobs.device, torch.float32)
         if scores.shape != (len(responses.completions),):
@@ -292,3 +221,26 @@ class RolloutLoop:
             logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores, contains_eos=contains_eos,
             kl=kl, non_score_reward=non_score_reward, rewards=rewards, advantages=advantages, returns=returns,
         )
+
+
+def rollout_statistics(rollout: RolloutBatch, eos_token_id: int, kl_coef: float, with_critic: bool) -> dict[str, Tensor]:
+    """Per-iteration statistics of the experience, named as in TRL (``val/explained_variance``
+    only ``with_critic``)."""
+    mask = rollout.response_mask
+    kl_sum = pm.masked_sum(rollout.kl, mask, dim=1)
+    non_score = pm.masked_sum(rollout.non_score_reward, mask, dim=1)
+    stats = {
+        "objective/kl": kl_sum.mean(),
+        "objective/entropy": pm.masked_sum(-rollout.logprobs, mask, dim=1).mean(),
+        "objective/non_score_reward": non_score.mean(),
+        "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+        "objective/scores": rollout.scores.mean(),
+        "objective/kl_coef": torch.tensor(kl_coef),
+        "val/num_eos_tokens": (rollout.response_ids == eos_token_id).sum().float(),
+        "val/response_length": mask.sum(1).float().mean(),
+        "val/no_eos_rate": (~rollout.contains_eos).float().mean(),
+    }
+    if with_critic:
+        stats["val/explained_variance"] = pm.explained_variance(rollout.values, rollout.returns, mask)
+    return stats
+

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lightning.pytorch import Callback
+
 # A warnings filter of this module: (message regex, category, regex of the emitting module).
 WarningRule = tuple[str, type[Warning], str]
 
@@ -161,3 +163,24 @@ def spearman_corrcoef() -> Any:
 
     with ignoring_warnings(SPEARMAN_BUFFER):
         return SpearmanCorrCoef()
+
+
+class KnownWarningsSilenced(Callback):
+    """For the span of a PPO fit, two Lightning warnings that do not apply: the reference and the
+    reward model (``frozen_models()``) are in eval mode on purpose (the warning still shows if
+    any other module is in eval mode: it counts them all), and a checkpoint after a whole
+    iteration is the state to resume from (the advice for manual optimisation is to save the
+    pre-step state)."""
+
+    def __init__(self, frozen_models: Callable[[], list[Any]]) -> None:
+        self.frozen_models = frozen_models
+        self.added: list[Any] = []
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        frozen = sum(not m.training for model in self.frozen_models() for m in model.modules())
+        self.added = ignore_warnings(MANUAL_OPTIMISATION_CHECKPOINT, *([eval_mode_rule(frozen)] if frozen else []))
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        restore_warnings(self.added)
+        self.added = []
+

@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.modules import PPOModule, PPOSettings
-from rlhf_lightning.rollout import GenerationSettings
+from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.tasks import gold_rewards
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 from rlhf_lightning.best_of_n import best_of_n, best_of_n_kl, completions_of, sample_candidates
 from rlhf_lightning.cli import main
-from rlhf_lightning.rollout import GenerationSettings
+from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.tasks.sentiment import judge
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from rlhf_lightning import ppo_math as pm
+from rlhf_lightning import rlhf_math as pm
 from rlhf_lightning.data import PromptDataModule, SFTDataModule
 from rlhf_lightning.modules import PPOSettings
 from rlhf_lightning.modules.sft import causal_lm_loss
-from rlhf_lightning.rollout import GenerationSettings
+from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.tasks import gold_rewards
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -13,12 +13,14 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from rlhf_lightning import ppo_math as pm
+from rlhf_lightning import rlhf_math as pm
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.guards import ExplainedVarianceGuard
 from rlhf_lightning.models import is_complete_hf_folder, load_causal_lm, load_tokenizer
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
-from rlhf_lightning.rollout import GenerationSettings, RolloutLoop, response_logprobs
+from rlhf_lightning.forwards import response_logprobs
+from rlhf_lightning.generation import GenerationSettings
+from rlhf_lightning.rollout import RolloutLoop
 
 from .test_ppo import EOS, PAD, fake_generation, fit, small_ppo
 
@@ -82,7 +84,7 @@ def test_estimator_settings_are_checked(tmp_path: Path, byte_gpt2_dir: Path):
     cases = [
         (dict(ppo=PPOSettings(advantage_estimator="ppo")), "advantage_estimator must be one of"),
         (dict(ppo=PPOSettings(loss_reduction="sum")), "loss_reduction must be one of"),
-        (dict(ppo=PPOSettings(advantage_estimator="rloo")), "rloo compares .*samples_per_prompt must be >= 2, got 1"),
+        (dict(ppo=PPOSettings(advantage_estimator="rloo")), r"samples_per_prompt must be >= 2 to compare the responses to one prompt \(ppo.advantage_estimator rloo.*got 1"),
         (dict(ppo=PPOSettings(advantage_estimator="grpo", samples_per_prompt=2), scores=ScoreSettings(baseline="leave_one_out")),
          "scores.baseline leave_one_out is for .* gae or reinforce_pp: grpo has its own baseline"),
         (dict(ppo=PPOSettings(advantage_estimator="dr_grpo", samples_per_prompt=2, loss_reduction="sequence_mean"),
@@ -210,4 +212,4 @@ def test_a_bad_estimator_setting_is_one_line_naming_the_key(capsys):
                  "--model.init_args.ppo.samples_per_prompt=1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert err.startswith("error: model.init_args.ppo.advantage_estimator grpo") and "samples_per_prompt" in err
+    assert err.startswith("error: model.init_args.ppo.samples_per_prompt must be >= 2") and "advantage_estimator grpo" in err

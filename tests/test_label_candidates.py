@@ -21,7 +21,7 @@ from rlhf_lightning.labelling.candidates import (
     read_candidates,
 )
 from rlhf_lightning.labelling.storage import make_judgement, read_log
-from rlhf_lightning.rollout import GenerationSettings
+from rlhf_lightning.generation import GenerationSettings
 from tests.conftest import write_lines
 
 

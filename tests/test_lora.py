@@ -18,12 +18,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.errors import UserInputError
-from rlhf_lightning.evaluation import sample_responses
 from rlhf_lightning.lora import LoRASettings
 from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_causal_lm, load_tokenizer
 from rlhf_lightning.modules import PPOModule, RewardModule, SFTModule
-from rlhf_lightning.reward_scoring import score_sequences
-from rlhf_lightning.rollout import response_logprobs
+from rlhf_lightning.forwards import response_logprobs, score_sequences
+from rlhf_lightning.generation import sample
 
 from .conftest import save_tiny_gpt2, write_lines
 from .test_ppo import fit, small_ppo
@@ -87,10 +86,10 @@ def test_reference_is_the_base_model_with_one_copy_of_its_weights(lora_run):
     torch.testing.assert_close(ref_logprobs, base_logprobs, atol=1e-6, rtol=0)
     assert (logprobs - ref_logprobs).abs().max() > 1e-4  # the trained adapter is on for the policy
     # Validation samples the reference through generate(): the base model's samples.
-    loop = module.rollout_loop()
     prompt_mask = (PROMPTS != PAD).long()
-    reference = sample_responses(loop, module.reference, PROMPTS, prompt_mask, seed=3)
-    assert torch.equal(reference.response_ids, sample_responses(loop, base, PROMPTS, prompt_mask, seed=3).response_ids)
+    reference, from_base = (sample(model, module.tokenizer, module.generation, PROMPTS, prompt_mask, seed=3)
+                            for model in (module.reference, base))
+    assert torch.equal(reference.response_ids, from_base.response_ids)
 
 
 @needs_peft

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from rlhf_lightning import rollout as rollout_module
+from rlhf_lightning import generation as generation_module
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import (
     is_complete_hf_folder,
@@ -19,8 +19,9 @@ from rlhf_lightning.models import (
     save_hf_folder,
 )
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
-from rlhf_lightning.ppo_math import leave_one_out_scores
-from rlhf_lightning.rollout import GenerationSettings, RolloutLoop
+from rlhf_lightning.rlhf_math import leave_one_out_scores
+from rlhf_lightning.generation import GenerationSettings
+from rlhf_lightning.rollout import RolloutLoop
 from rlhf_lightning.tasks import gold_rewards
 from rlhf_lightning.tasks.sentiment import judge
 
@@ -68,7 +69,7 @@ def fit(module: PPOModule, iterations: int, tmp_path: Path | None = None, **trai
 
 
 def fake_generation(monkeypatch, responses: torch.Tensor) -> None:
-    monkeypatch.setattr(rollout_module, "generate_responses", lambda model, ids, mask, config, **kw: responses.clone())
+    monkeypatch.setattr(generation_module, "generate_responses", lambda model, ids, mask, config, **kw: responses.clone())
 
 
 def make_loop(byte_gpt2_dir: Path, score_fn, **kwargs) -> RolloutLoop:
@@ -271,5 +272,5 @@ def test_samples_per_prompt_repeats_each_prompt_in_consecutive_rows(tmp_path: Pa
     shaped_scores = (rollout.rewards - rollout.non_score_reward).sum(dim=1)
     torch.testing.assert_close(shaped_scores, leave_one_out_scores(rollout.scores, 3))
     assert rollout.scores.tolist() == [float(len(c)) for c in rollout_texts(module, rollout)]
-    with pytest.raises(ValueError, match="samples_per_prompt must be >= 1 .>= 2 with scores.baseline leave_one_out."):
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2 to compare the responses to one prompt .* scores.baseline leave_one_out"):
         small_ppo(byte_gpt2_dir, tmp_path, scores=ScoreSettings(baseline="leave_one_out"))

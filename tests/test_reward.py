@@ -22,15 +22,12 @@ from rlhf_lightning.models import (
     load_tokenizer,
 )
 from rlhf_lightning.modules import RewardModule
-from rlhf_lightning.modules.reward import pair_accuracy
-from rlhf_lightning.reward_scoring import (
+from rlhf_lightning.forwards import at_last_token, hidden_states, position_ids_from_mask, score_sequences, sequence_rewards
+from rlhf_lightning.rlhf_math import (
     bradley_terry_loss,
-    hidden_states,
     last_token_index,
     likelihood_distillation_loss,
-    position_ids_from_mask,
-    score_sequences,
-    sequence_rewards,
+    pair_accuracy,
     token_log_likelihoods,
 )
 from rlhf_lightning.tasks import SentimentTask
@@ -151,8 +148,10 @@ def test_last_token_index_and_position_ids_follow_the_mask():
     assert position_ids_from_mask(mask).tolist() == [
         [0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 0, 1, 2, 2], [0, 1, 2, 3, 4]
     ]
-    with pytest.raises(ValueError, match="without any real token"):
-        last_token_index(torch.tensor([[1, 1], [0, 0]]))
+    empty_row = torch.tensor([[1, 1], [0, 0]])
+    assert last_token_index(empty_row).tolist() == [1, 0]  # the index rule: 0 for a row with no token
+    with pytest.raises(ValueError, match="without any real token"):  # reading a reward there is an error
+        at_last_token(torch.zeros(2, 2, 3), empty_row)
 
 
 def _scorer(folder: Path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..data.records import DataFormatError, Record, read_jsonl
 from ..errors import UserInputError
 from ..models import is_preset
-from ..rollout import GenerationSettings
+from ..generation import GenerationSettings
 from .storage import JsonlLog, read_log
 
 

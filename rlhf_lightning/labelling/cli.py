@@ -19,7 +19,7 @@ from typing import Any
 
 from ..data.records import read_prompts
 from ..errors import UserInputError
-from ..rollout import GenerationSettings
+from ..generation import GenerationSettings
 from .candidates import (
     CandidateGenerator,
     CandidatePool,

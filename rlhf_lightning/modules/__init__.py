@@ -2,7 +2,7 @@
 
 from .dpo import DPOModule
 from .ppo import KLSettings, PPOModule, PPOSettings, ScoreSettings
-from .reward import RewardModule
+from .reward_model import RewardModule
 from .sft import SFTModule
 
 __all__ = ["DPOModule", "KLSettings", "PPOModule", "PPOSettings", "RewardModule", "SFTModule", "ScoreSettings"]

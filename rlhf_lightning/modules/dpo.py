@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .. import ppo_math as pm
+from .. import rlhf_math as pm
 from ..errors import UserInputError
 from ..models import load_causal_lm
-from ..reward_scoring import pair_accuracy, token_log_likelihoods
-from ..rollout import causal_lm_logits
+from ..forwards import causal_lm_logits
 from .base import HFModelModule
 from .export import export_at_fit_end
 
@@ -34,7 +33,7 @@ class DPOModule(HFModelModule):
     log-probability of a response is the sum of its tokens' log-probs (their mean for ``ipo``,
     as TRL), under the policy and under the frozen reference, with position ids from the
     attention mask, so either padding side gives the same numbers. The loss and the implicit
-    rewards ``beta * (log pi - log pi_ref)`` are :func:`~rlhf_lightning.ppo_math.dpo_loss`.
+    rewards ``beta * (log pi - log pi_ref)`` are :func:`~rlhf_lightning.rlhf_math.dpo_loss`.
     At the first step the policy is the reference: every implicit reward is 0 and the loss is
     log 2 (``sigmoid``, ``robust``).
 
@@ -93,10 +92,10 @@ class DPOModule(HFModelModule):
 
     def response_logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``log pi(response | prompt)`` ``(2b,)`` of every row under ``model``
-        (:func:`~rlhf_lightning.ppo_math.dpo_sequence_logps`)."""
+        (:func:`~rlhf_lightning.rlhf_math.dpo_sequence_logps`)."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         logits = causal_lm_logits(model, input_ids, attention_mask)
-        token_logps, predicted = token_log_likelihoods(logits, input_ids, attention_mask)
+        token_logps, predicted = pm.token_log_likelihoods(logits, input_ids, attention_mask)
         response = predicted & batch["response_mask"][:, 1:].bool()
         return pm.dpo_sequence_logps(token_logps, response, self.hparams.loss_type)
 
@@ -114,7 +113,7 @@ class DPOModule(HFModelModule):
         stats = {
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
-            "rewards/accuracies": pair_accuracy(chosen, rejected).mean(),
+            "rewards/accuracies": pm.pair_accuracy(chosen, rejected).mean(),
             "rewards/margins": (chosen - rejected).mean(),
             "logps/chosen": policy[:n_pairs].detach().mean(),
             "logps/rejected": policy[n_pairs:].detach().mean(),

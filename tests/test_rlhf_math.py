@@ -1,4 +1,4 @@
-"""Hand-computed checks of rlhf_lightning.ppo_math (expected numbers are written out)."""
+"""Hand-computed checks of rlhf_lightning.rlhf_math (expected numbers are written out)."""
 
 import math
 import threading
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlhf_lightning.ppo_math import (
+from rlhf_lightning.rlhf_math import (
     leave_one_out_scores,
     AdaptiveKLController,
     FixedKLController,

@@ -1,4 +1,4 @@
-"""Reward sources: each turns :class:`~rlhf_lightning.rollout.Responses` into ``(b,)`` scores.
+"""PPO's reward sources: each turns :class:`~rlhf_lightning.generation.Responses` into ``(b,)`` scores.
 
 * :class:`RewardModelScorer`: a Hugging Face reward-model folder. When its tokenizer differs
   from the policy's, responses are decoded and re-tokenized for it.
@@ -19,8 +19,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.encoding import attention_mask_for, encode_prompt, encode_text, pad
-from .reward_scoring import score_sequences
-from .rollout import Responses
+from .forwards import score_sequences
+from .generation import Responses
 
 TextRewardFn = Callable[[list[str], list[str]], Sequence[float]]
 

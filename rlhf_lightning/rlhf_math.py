@@ -482,6 +482,77 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return losses.mean(), (beta * (pi_c - ref_c)).detach(), (beta * (pi_r - ref_r)).detach()
 
 
+# --------------------------------------------------------------------------- reward model
+def bradley_terry_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | None = None,
+    centering_coef: float = 0.0,
+) -> Tensor:
+    """Pairwise Bradley-Terry loss of a batch of ``b`` preference pairs.
+
+    ``mean(-logsigmoid(r_c - r_r - margin)) + centering_coef * mean((r_c + r_r) ** 2)``
+
+    * ``margin`` ``(b,)`` (optional): how much better "chosen" must score (Llama-2 style);
+    * ``centering_coef``: pulls the mean reward of each pair towards 0 (the loss alone is
+      invariant to a constant shift of every reward), e.g. 0.01.
+
+    Computed in float32 whatever the rewards' dtype.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.ndim != 1:
+        raise ValueError(
+            f"chosen and rejected rewards must both have shape (b,), got "
+            f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
+        )
+    chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
+    difference = chosen - rejected
+    if margin is not None:
+        difference = difference - margin.to(difference)
+    loss = -F.logsigmoid(difference).mean()
+    if centering_coef:
+        loss = loss + centering_coef * (chosen + rejected).pow(2).mean()
+    return loss
+
+
+def pair_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """Per pair: 1 if chosen scores higher, 0 if lower, 0.5 on an exact tie.
+
+    Ties count one half, the same convention as the ceiling
+    :func:`rlhf_lightning.tasks.label_agreement`; a constant reward model scores 0.5. Also DPO's
+    ``rewards/accuracies`` on its implicit rewards.
+    """
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+def token_log_likelihoods(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``log p(token_i | tokens before i)`` under a causal LM's ``logits`` ``(b, t, v)``, for
+    ``i = 1 .. t-1``: float32 ``(b, t-1)``, and the bool mask ``(b, t-1)`` of the positions
+    that count (a real token that follows a real token; the first real token has no
+    prediction). Any padding side."""
+    logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:]).float()
+    predicted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    return logprobs, predicted
+
+
+def likelihood_distillation_loss(predicted: Tensor, log_likelihoods: Tensor, mask: Tensor) -> Tensor:
+    """``mean((predicted - z)^2)`` over the positions in ``mask``, where ``z`` is
+    ``log_likelihoods`` standardised over those positions (zero mean, unit standard deviation;
+    all zeros when they have no spread; the loss is 0 when ``mask`` is empty). All ``(b, t)``.
+
+    The auxiliary loss of :class:`~rlhf_lightning.modules.RewardModule`'s
+    ``likelihood_distillation_coef``: a second head on every token's hidden state learns how
+    surprised the reference model was by that token, so that the backbone marks the slips the
+    reference notices (a doubled, stray or swapped word, a misspelling) where they happen, for
+    the reward's token to attend to.
+    """
+    target = log_likelihoods.float()
+    centred = torch.where(mask.bool(), target - masked_mean(target, mask), 0.0)
+    # No host sync, no NaN: a spread of 0 gives 0 / tiny = 0 at every position.
+    spread = masked_mean(centred.square(), mask).sqrt().clamp(min=torch.finfo(torch.float32).tiny)
+    return masked_mean((predicted.float() - centred / spread).square(), mask)
+
+
+
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """0-dim ``1 - var(returns - values) / var(returns)`` over the masked entries.
 
@@ -529,3 +600,8 @@ class AdaptiveKLController(KLController):
         n_steps: number of sequences (episodes) in that batch."""
         proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+def kl_controller(coef: float, target: float | None = None, horizon: float = 10000) -> KLController:
+    """The adaptive controller of [Z19] when ``target`` is set, else a fixed ``coef``."""
+    return FixedKLController(coef) if target is None else AdaptiveKLController(coef, target, horizon)

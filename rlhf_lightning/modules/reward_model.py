@@ -14,19 +14,16 @@ from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_k
 from ..evaluation import JudgeFn
 from ..lora import LoRASettings
 from ..models import load_sequence_scorer
-from ..reward_scoring import (
+from ..forwards import (
     REWARD_OFFSET_KEY,
     at_last_token,
-    bradley_terry_loss,
+    causal_lm_logits,
     hidden_states,
-    likelihood_distillation_loss,
-    pair_accuracy,
     rewards_from_hidden,
     score_sequences,
     sequence_rewards,
-    token_log_likelihoods,
 )
-from ..rollout import causal_lm_logits
+from ..rlhf_math import bradley_terry_loss, likelihood_distillation_loss, pair_accuracy, token_log_likelihoods
 from ..terminal import spearman_corrcoef
 from .base import HFModelModule
 from .export import export_at_fit_end
@@ -46,13 +43,13 @@ class RewardModule(HFModelModule):
     then the rejected rows; both go through the model in one forward. The reward of a row is
     read at its last real token (EOS), found from the attention mask, with position ids from
     the mask, so either padding side gives the same rewards (see
-    :mod:`rlhf_lightning.reward_scoring`). The loss is the Bradley-Terry loss with the
+    :mod:`rlhf_lightning.forwards`). The loss is the Bradley-Terry loss with the
     per-pair ``margin`` of the data (0 when the records have none) and an optional centering
     term.
 
     At the end of fit, with ``normalize``, the mean raw reward of SFT demonstrations (the data
     module's task's SFT val split, or ``normalize_file``) is stored as ``reward_offset`` in the
-    model config, so that :func:`~rlhf_lightning.reward_scoring.score_sequences` gives SFT-like
+    model config, so that :func:`~rlhf_lightning.forwards.score_sequences` gives SFT-like
     text a mean reward of 0. The model and tokenizer (right padding, pad token distinct from
     EOS) are then written to ``export_dir``: a folder that plain
     ``AutoModelForSequenceClassification`` loads, and the PPO stage scores with.
@@ -70,7 +67,7 @@ class RewardModule(HFModelModule):
             second linear head on every token's hidden state learns the log-probability that
             the *initial* model (``model_name_or_path``, loaded frozen as a causal LM: give it
             the SFT export) gave that token, standardised per batch
-            (:func:`~rlhf_lightning.reward_scoring.likelihood_distillation_loss`). It teaches
+            (:func:`~rlhf_lightning.rlhf_math.likelihood_distillation_loss`). It teaches
             the backbone to mark, token by token, the slips the SFT model notices, which the
             reward's token can then attend to. Costs one no-grad forward of the reference per
             step; the auxiliary head is not exported. See docs/reward.md.
