@@ -8,6 +8,8 @@ so a resumed run always finds the previous complete checkpoint.
 
 A checkpoint also holds only the weights that train: frozen ones are loaded again from their
 folders on resume (:func:`drop_frozen_weights`, :func:`restore_frozen_weights`).
+
+:class:`IterationCheckpoint` checkpoints PPO every N iterations.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .errors import UserInputError, check_minimum
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -78,3 +83,31 @@ def restore_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) 
     from ``on_load_checkpoint``."""
     for name, value in _frozen_parameters(module).items():
         checkpoint["state_dict"].setdefault(name, value.detach())
+
+
+class IterationCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with its cadence in PPO iterations: a checkpoint after every
+    ``every_n_iterations``-th iteration, whatever ``ppo.epochs * ppo.num_minibatches`` (the
+    optimiser steps per iteration, which ``every_n_train_steps`` would count) is. Every other
+    argument is ``ModelCheckpoint``'s (``dirpath``, ``save_last``, ``save_top_k``, ...).
+
+    For a module with ``ppo`` settings (``PPOModule`` and its subclasses); a skipped update still
+    makes its optimiser steps (empty ones), so the cadence holds.
+    """
+
+    def __init__(self, every_n_iterations: int = 1, **kwargs: Any) -> None:
+        for key in ("every_n_train_steps", "every_n_epochs", "train_time_interval"):
+            if kwargs.pop(key, None) is not None:  # (a config parser passes them all, as None)
+                raise UserInputError(f"IterationCheckpoint counts PPO iterations: give every_n_iterations, not {key}")
+        check_minimum("IterationCheckpoint every_n_iterations", every_n_iterations, 1)
+        super().__init__(every_n_train_steps=1, **kwargs)  # the steps are known in setup()
+        self.every_n_iterations = every_n_iterations
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        settings = getattr(pl_module, "ppo", None)
+        if not hasattr(settings, "steps_per_iteration"):
+            raise UserInputError(f"IterationCheckpoint is for PPO modules (with ppo settings); {type(pl_module).__name__} "
+                                 "has none: use lightning.pytorch.callbacks.ModelCheckpoint")
+        # before Lightning restores callback states, whose key includes the cadence
+        self._every_n_train_steps = self.every_n_iterations * settings.steps_per_iteration
+        super().setup(trainer, pl_module, stage)

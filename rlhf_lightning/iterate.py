@@ -186,12 +186,27 @@ def round_stage_config(source: str | Path, stage: str, folder: Path, model: dict
     if str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
         logger.setdefault("init_args", {}).update(save_dir=str(folder), name=stage, version="")
     for callback in settings.get("callbacks") or []:
-        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+        if isinstance(callback, dict) and is_checkpoint_callback(str(callback.get("class_path", ""))):
             callback.setdefault("init_args", {})["dirpath"] = str(folder / stage / "checkpoints")
     path = folder / "configs" / f"{stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return str(path)
+
+
+def is_checkpoint_callback(class_path: str) -> bool:
+    """Whether a config's callback ``class_path`` is Lightning's ``ModelCheckpoint`` or a subclass
+    (such as :class:`~rlhf_lightning.checkpoint_io.IterationCheckpoint`); a bare class name counts
+    by its name, as LightningCLI resolves it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .tasks import import_object
+
+    try:
+        cls = import_object(class_path)
+    except (ImportError, AttributeError, ValueError):
+        return class_path.endswith("ModelCheckpoint")
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def pipeline_config(config: IterateConfig, number: int, sft: str, reward: str, ppo: str) -> PipelineConfig:

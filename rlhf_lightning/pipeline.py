@@ -166,7 +166,7 @@ def run_stages(config: PipelineConfig, outputs: dict[str, str], commands: dict[s
     """Run each stage of ``outputs`` (in order) with its ``fit`` arguments, unless its output
     folder is complete and nothing before it ran (``rerun``) or ``redo`` names it; returns the
     seconds each stage took (None: skipped)."""
-    from .cli import RLHFCLI
+    from .lightning_cli import RLHFCLI
 
     timings: dict[str, float | None] = {}
     # once a stage runs, every later stage runs too: its inputs changed

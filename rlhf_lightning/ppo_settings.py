@@ -6,6 +6,7 @@ built, before any model loads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,3 +177,19 @@ def check_strategy(strategy: Any) -> None:
 def loss_reduction(ppo: PPOSettings) -> str:
     """The reduction of ``ppo.loss_reduction``, or the estimator's own when it is unset."""
     return ppo.loss_reduction or ("constant" if ppo.advantage_estimator == "dr_grpo" else "token_mean")
+
+
+def planned_iterations(max_iterations: int | None, trainer: Any, steps_per_iteration: int) -> int:
+    """PPO iterations a fit will run: the least of ``max_iterations`` (the knob for PPO's length),
+    the Trainer's ``max_steps`` (optimiser steps) and the prompt batches of its ``max_epochs``.
+    Refused when none of them bounds the run."""
+    limits = [] if max_iterations is None else [max_iterations]
+    if trainer.max_steps > 0:
+        limits.append(math.ceil(trainer.max_steps / steps_per_iteration))
+    elif math.isfinite(batches := trainer.estimated_stepping_batches):  # manual optimisation: batches = iterations
+        limits.append(int(batches))
+    if not limits:
+        raise UserInputError("model.init_args.max_iterations: set how many PPO iterations to run "
+                             "(the Trainer's max_steps and max_epochs do not bound the run either)")
+    return max(1, min(limits))
+

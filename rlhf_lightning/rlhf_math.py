@@ -1,5 +1,6 @@
 """RLHF math as pure functions on tensors (torch + stdlib only): PPO, the critic-free advantage
-estimators (GRPO, RLOO, REINFORCE++) and the DPO losses.
+estimators (GRPO, RLOO, REINFORCE++), the DPO losses and the reward model's Bradley-Terry loss.
+Every formula of the package is here, named as in its paper (the references below).
 
 Shapes: ``b`` = batch of responses, ``t`` = response length, ``v`` = vocabulary size.
 ``mask`` arguments are bool or float (b, t) tensors: nonzero = real response token, 0 = padding.

@@ -124,7 +124,7 @@ def release(logger: logging.Logger, records: list[logging.LogRecord]) -> None:
 
 @contextmanager
 def lightning_noise_silenced() -> Iterator[None]:
-    """Around the package's Lightning runs (:class:`~rlhf_lightning.cli.RLHFCLI`): Lightning's
+    """Around the package's Lightning runs (:class:`~rlhf_lightning.lightning_cli.RLHFCLI`): Lightning's
     cloud tips and its LeafSpec deprecation warning."""
     from lightning_utilities.core import rank_zero
 

@@ -217,3 +217,26 @@ def test_config_reference_matches_the_code_and_the_demo_configs(module: str, dem
         assert cell_value(default_cell) == (list(default) if isinstance(default, tuple) else default), key
         if key in demo_args and demo_args[key] != default:
             assert cell_value(demo_cell) == demo_args[key], key
+
+
+def test_every_ppo_setting_has_a_one_line_meaning_that_help_shows(capsys):
+    """Each field of the settings tables has its line in the class docstring (the ``Args:``
+    section jsonargparse reads), and ``fit --model.help`` prints it beside the option."""
+    import dataclasses
+
+    from docstring_parser import parse
+
+    from rlhf_lightning.cli import main
+    from rlhf_lightning.generation import GenerationSettings
+    from rlhf_lightning.ppo_settings import KLSettings, PPOSettings, ScoreSettings
+
+    for cls in (GenerationSettings, PPOSettings, KLSettings, ScoreSettings):
+        documented = {p.arg_name: p.description for p in parse(cls.__doc__).params}
+        for field in dataclasses.fields(cls):
+            assert documented.get(field.name), f"{cls.__name__}.{field.name} has no line in the docstring"
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "rlhf_lightning.modules.PPOModule"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--model.ppo.cliprange CLIPRANGE epsilon of the clipped policy ratio" in shown
+    assert "--model.generation.max_new_tokens MAX_NEW_TOKENS the longest response in tokens" in shown
+    assert "--model.max_iterations MAX_ITERATIONS how long PPO runs, in PPO iterations" in shown

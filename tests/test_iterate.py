@@ -122,7 +122,7 @@ def test_round_configs_move_every_output_into_the_round(tmp_path: Path):
     assert config["trainer"]["max_epochs"] == 1
     assert config["trainer"]["logger"]["init_args"] == {"save_dir": str(folder), "name": "ppo", "version": ""}
     assert config["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(folder / "ppo/checkpoints")
-    assert config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] == 160  # the rest is kept
+    assert config["trainer"]["callbacks"][0]["init_args"]["every_n_iterations"] == 10  # the rest is kept
 
 
 @pytest.mark.parametrize("key, value, rule", [("k", 1, "must be >= 2"), ("reward_refresh", "restart", "must be one of"),

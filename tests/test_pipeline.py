@@ -64,7 +64,7 @@ def tiny_stage_configs(run: Path) -> Path:
     reward["model"]["init_args"].update(export_dir=str(run / "reward/model"))
     reward["data"]["init_args"].update(batch_size=8, val_batch_size=100)
     ppo["trainer"].update(val_check_interval=2, limit_val_batches=1)
-    ppo["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 4
+    ppo["trainer"]["callbacks"][0]["init_args"]["every_n_iterations"] = 2
     ppo["model"]["init_args"].update(max_iterations=2, policy_export_dir=str(run / "ppo/policy"),
                                      critic_export_dir=str(run / "ppo/critic"))
     ppo["model"]["init_args"]["generation"]["max_new_tokens"] = 16

@@ -10,7 +10,10 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rlhf_lightning import generation as generation_module
+from rlhf_lightning.checkpoint_io import IterationCheckpoint
 from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.errors import UserInputError
+from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.models import (
     is_complete_hf_folder,
     load_causal_lm,
@@ -20,7 +23,6 @@ from rlhf_lightning.models import (
 )
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
 from rlhf_lightning.rlhf_math import leave_one_out_scores
-from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.rollout import RolloutLoop
 from rlhf_lightning.tasks import gold_rewards
 from rlhf_lightning.tasks.sentiment import judge
@@ -61,7 +63,8 @@ def small_ppo(policy: Path, tmp_path: Path, cls: type[PPOModule] = PPOModule, **
 def fit(module: PPOModule, iterations: int, tmp_path: Path | None = None, **trainer_kwargs) -> Trainer:
     module.hparams.max_iterations = iterations
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in trainer_kwargs.get("callbacks", []))
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=checkpointing,
+    trainer_kwargs.setdefault("max_epochs", 1)
+    trainer = Trainer(logger=False, enable_checkpointing=checkpointing,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       num_sanity_val_steps=0, **trainer_kwargs)
     trainer.fit(module, datamodule=PromptDataModule(batch_size=8, max_length=64))
@@ -206,6 +209,43 @@ def test_adaptive_kl_and_resume_restore_state(tmp_path: Path, byte_gpt2_dir: Pat
     assert seen["iteration"] == 1
     assert seen["adam_step"] == 4  # the optimiser state came back with the weights
     assert resumed.iteration == 2 and resumed.episode == 16
+
+
+def test_checkpoints_every_n_ppo_iterations_and_resume_with_their_state(tmp_path: Path, byte_gpt2_dir: Path):
+    seed_everything(0)
+    module = small_ppo(byte_gpt2_dir, tmp_path)  # 2 epochs x 2 minibatches: 4 optimiser steps per iteration
+    checkpoint = IterationCheckpoint(dirpath=tmp_path / "ckpt", every_n_iterations=2, save_top_k=-1)
+    fit(module, iterations=4, callbacks=[checkpoint])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=16.ckpt", "epoch=0-step=8.ckpt"]
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=8.ckpt", weights_only=False)
+    assert saved["ppo_state"]["iteration"] == 2
+    # The cadence is set before Lightning restores callback states (their key holds it): a resumed
+    # run's callback finds its own state in the checkpoint.
+    resumed_callback = IterationCheckpoint(dirpath=tmp_path / "ckpt2", every_n_iterations=2, save_top_k=-1)
+    resumed = small_ppo(byte_gpt2_dir, tmp_path)
+    resumed.hparams.max_iterations = 4
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[resumed_callback])
+    trainer.fit(resumed, datamodule=PromptDataModule(batch_size=8, max_length=64),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
+    assert resumed_callback.state_key in saved["callbacks"]
+    assert [p.name for p in (tmp_path / "ckpt2").iterdir()] == ["epoch=0-step=16.ckpt"]
+
+
+def test_iteration_checkpoint_refuses_step_cadences_and_non_ppo_modules(tmp_path: Path, byte_gpt2_dir: Path):
+    with pytest.raises(UserInputError, match="give every_n_iterations, not every_n_train_steps"):
+        IterationCheckpoint(every_n_iterations=2, every_n_train_steps=4)
+    with pytest.raises(UserInputError, match="every_n_iterations must be >= 1, got 0"):
+        IterationCheckpoint(every_n_iterations=0)
+    trainer = Trainer(logger=False, max_steps=1)
+    with pytest.raises(UserInputError, match="IterationCheckpoint is for PPO modules"):
+        IterationCheckpoint().setup(trainer, torch.nn.Linear(1, 1), "fit")
+
+
+def test_a_run_unbounded_by_iterations_steps_and_epochs_is_refused(tmp_path: Path, byte_gpt2_dir: Path):
+    module = small_ppo(byte_gpt2_dir, tmp_path)
+    with pytest.raises(UserInputError, match="model.init_args.max_iterations: set how many PPO iterations to run"):
+        fit(module, iterations=None, max_epochs=-1)
 
 
 def test_minibatch_size_must_divide_batch(tmp_path: Path, byte_gpt2_dir: Path):

@@ -137,7 +137,7 @@ class CandidatePool:
 @dataclass
 class SamplingSettings:
     """How candidates are sampled: ``k`` responses per prompt, with the package's sampler and the
-    PPO rollout's :class:`~rlhf_lightning.rollout.GenerationSettings`."""
+    PPO rollout's :class:`~rlhf_lightning.generation.GenerationSettings`."""
 
     k: int = 2
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=64))

@@ -31,7 +31,7 @@ from ..guards import NONFINITE_STEPS, default_guards
 from ..lora import LoRASettings
 from ..models import load_ppo_models, load_tokenizer
 from ..optim import clipped_step, empty_steps, warmup_schedule
-from ..ppo_settings import KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_strategy, loss_reduction
+from ..ppo_settings import KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_strategy, loss_reduction, planned_iterations
 from ..reward_sources import TextRewardFn
 from ..rng import restore_rank_state, rng_states_of_all_ranks
 from ..rollout import RolloutBatch, RolloutLoop, rollout_statistics
@@ -332,14 +332,8 @@ class PPOModule(ExportingModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def planned_iterations(self) -> int:
-        """PPO iterations this fit will run: the least of ``max_iterations``, the Trainer's
-        ``max_steps`` (optimiser steps) and the prompt batches of ``max_epochs``."""
-        limits = [] if self.hparams.max_iterations is None else [self.hparams.max_iterations]
-        if self.trainer.max_steps > 0:
-            limits.append(math.ceil(self.trainer.max_steps / self.ppo.steps_per_iteration))
-        else:  # under manual optimisation this counts training batches, i.e. iterations
-            limits.append(int(self.trainer.estimated_stepping_batches))
-        return max(1, min(limits))
+        """PPO iterations this fit will run (:func:`~rlhf_lightning.ppo_settings.planned_iterations`)."""
+        return planned_iterations(self.hparams.max_iterations, self.trainer, self.ppo.steps_per_iteration)
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
