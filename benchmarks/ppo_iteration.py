@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from rlhf_lightning.data.records import write_jsonl
+from rlhf_lightning.records import write_jsonl
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import byte_tokenizer
 from rlhf_lightning.modules import PPOModule, PPOSettings

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .data.encoding import attention_mask_for, encode_prompt, pad
-from .data.records import read_prompts, write_jsonl
+from .records import read_prompts, write_jsonl
 from .errors import UserInputError
 from .models import load_causal_lm, load_reward_model, load_tokenizer
 from .generation import GenerationSettings, Responses, sample

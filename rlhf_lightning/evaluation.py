@@ -17,7 +17,7 @@ from torchmetrics.functional import spearman_corrcoef
 
 from . import rlhf_math as pm
 from .data.encoding import attention_mask_for, encode_preference, encode_prompt, pad
-from .data.records import Record
+from .records import Record
 from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from .forwards import response_logprobs, score_sequences
 from .generation import GenerationSettings, Responses, sample

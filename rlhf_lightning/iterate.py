@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from .data.records import Record, read_preferences, read_prompts, write_jsonl
+from .records import Record, read_preferences, read_prompts, write_jsonl
 from .errors import UserInputError
 from .labelling.candidates import CandidateGenerator, CandidatePool, Item, SamplingSettings, content_id
 from .labelling.export import export_annotations

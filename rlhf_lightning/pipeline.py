@@ -228,7 +228,7 @@ def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], l
 
 def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     """Compare the PPO policy with the SFT policy on held-out prompts."""
-    from .data.records import read_prompts
+    from .records import read_prompts
     from .evaluation import compare_policies
     from .tasks import label_agreement
 

@@ -24,7 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .data.records import Record, sft_kind
+from .records import Record, sft_kind
 from .models import BYTE_CHAT_TEMPLATE, PAD_TOKEN, save_hf_folder
 
 EOS_TOKEN = "<|endoftext|>"

@@ -23,7 +23,7 @@ from lightning.pytorch import Callback
 from transformers import PreTrainedModel
 
 from rlhf_lightning.cli import RLHFCLI, main
-from rlhf_lightning.data.records import read_preferences, read_prompts, read_sft, write_jsonl
+from rlhf_lightning.records import read_preferences, read_prompts, read_sft, write_jsonl
 from rlhf_lightning.models import (
     byte_tokenizer,
     is_complete_hf_folder,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lightning.cli import main
-from rlhf_lightning.data.records import DataFormatError
+from rlhf_lightning.records import DataFormatError
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.labelling import candidates as candidates_module
 from rlhf_lightning.labelling import cli as label_cli

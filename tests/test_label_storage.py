@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lightning.data.records import DataFormatError
+from rlhf_lightning.records import DataFormatError
 from rlhf_lightning.labelling import storage
 from rlhf_lightning.labelling.storage import (
     AlreadyLabelled,

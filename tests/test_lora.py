@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.lora import LoRASettings
-from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_causal_lm, load_tokenizer
-from rlhf_lightning.modules import PPOModule, RewardModule, SFTModule
 from rlhf_lightning.forwards import response_logprobs, score_sequences
 from rlhf_lightning.generation import sample
+from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_causal_lm, load_tokenizer
+from rlhf_lightning.modules import RewardModule, SFTModule
 
 from .conftest import save_tiny_gpt2, write_lines
 from .test_ppo import fit, small_ppo

@@ -314,3 +314,12 @@ def test_samples_per_prompt_repeats_each_prompt_in_consecutive_rows(tmp_path: Pa
     assert rollout.scores.tolist() == [float(len(c)) for c in rollout_texts(module, rollout)]
     with pytest.raises(ValueError, match="samples_per_prompt must be >= 2 to compare the responses to one prompt .* scores.baseline leave_one_out"):
         small_ppo(byte_gpt2_dir, tmp_path, scores=ScoreSettings(baseline="leave_one_out"))
+
+
+def test_a_preset_policy_is_its_own_reference(tmp_path: Path):
+    """A preset is drawn at random: the reference is a frozen copy of the policy, not a second draw."""
+    module = PPOModule(policy="preset:micro-gpt2", reward_fn=gold_rewards, policy_export_dir=None, critic_export_dir=None)
+    module.configure_model()
+    policy, reference = module.policy.state_dict(), module.reference.state_dict()
+    assert policy.keys() == reference.keys() and all(torch.equal(policy[k], reference[k]) for k in policy)
+    assert not any(p.requires_grad for p in module.reference.parameters())

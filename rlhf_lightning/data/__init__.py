@@ -8,7 +8,7 @@ from .encoding import (
     encode_sft,
 )
 from .modules import PreferenceDataModule, PromptDataModule, SFTDataModule
-from .records import (
+from ..records import (
     DataFormatError,
     read_preferences,
     read_prompts,

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserInputError
-from .records import Record, sft_kind
+from ..records import Record, sft_kind
 
 IGNORE_INDEX = -100
 Messages = list[dict[str, str]]

@@ -30,7 +30,8 @@ from .encoding import (
     encode_prompt_record,
     encode_sft,
 )
-from .records import Record, read_preferences, read_prompts, read_sft
+from ..records import Record, read_preferences, read_prompts, read_sft
+from ..tasks import get_task, task_records
 from .sampling import ResumableSampler, loader_generator
 
 BUILTIN = "the built-in task"
@@ -87,8 +88,6 @@ class _JSONLDataModule(LightningDataModule):
     # --- shared -------------------------------------------------------------------------
     def builtin_records(self, split: str) -> list[Record]:
         """The ``task``'s records of this module's kind for ``split`` (its default sizes)."""
-        from ..tasks import get_task, task_records
-
         try:
             task = get_task(self.task, self.seed)
         except ValueError as err:

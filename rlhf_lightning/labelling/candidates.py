@@ -18,7 +18,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..data.records import DataFormatError, Record, read_jsonl
+from ..records import DataFormatError, Record, read_jsonl
 from ..errors import UserInputError
 from ..models import is_preset
 from ..generation import GenerationSettings

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.records import read_prompts
+from ..records import read_prompts
 from ..errors import UserInputError
 from ..generation import GenerationSettings
 from .candidates import (

@@ -9,7 +9,7 @@
   pairs. Agreement is reported on the items that more than one person labelled.
 
 The output is ``{"prompt", "chosen", "rejected", "annotator", "item"[, "tie"|"skipped"]}``,
-which :func:`rlhf_lightning.data.records.read_preferences` reads (extra fields are ignored).
+which :func:`rlhf_lightning.records.read_preferences` reads (extra fields are ignored).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from ..data.records import DataFormatError, Record, write_jsonl
+from ..records import DataFormatError, Record, write_jsonl
 from .storage import judgements, read_annotations
 
 KEEP_CHOICES = ("drop", "flag")

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..data.records import DataFormatError, Record
+from ..records import DataFormatError, Record
 
 CHOICES = ("left", "right", "ranking", "tie", "skip")
 # The fields replay (:func:`judgements`), the app and export read, with their types, per event.

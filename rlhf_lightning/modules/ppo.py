@@ -29,9 +29,11 @@ from ..forwards import response_logprobs, token_values
 from ..generation import GenerationSettings, Responses
 from ..guards import NONFINITE_STEPS, default_guards
 from ..lora import LoRASettings
-from ..models import load_ppo_models, load_tokenizer
+from ..models import load_tokenizer
 from ..optim import clipped_step, empty_steps, warmup_schedule
-from ..ppo_settings import KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_strategy, loss_reduction, planned_iterations
+from ..ppo_models import load_ppo_models
+from ..ppo_settings import (KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_strategy, loss_reduction,
+                            planned_iterations)
 from ..reward_sources import TextRewardFn
 from ..rng import restore_rank_state, rng_states_of_all_ranks
 from ..rollout import RolloutBatch, RolloutLoop, rollout_statistics

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from ..data.encoding import attention_mask_for, encode_preference, pad
-from ..data.records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
+from ..records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
 from ..evaluation import JudgeFn
 from ..lora import LoRASettings
 from ..models import load_sequence_scorer

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..records import write_jsonl
+
 #: Records per split that ``write_files`` and the data modules use when no size is given.
 DEFAULT_SIZES: dict[str, int] = {
     "sft_train": 4000, "sft_val": 200,
@@ -247,7 +249,6 @@ class BuiltinTask:
 
         Returns ``{"sft_train": Path(out_dir, "sft_train.jsonl"), ...}``.
         """
-        from ..data.records import write_jsonl  # here: the records module loads Lightning
 
         unknown = set(sizes or {}) - set(DEFAULT_SIZES)
         if unknown:

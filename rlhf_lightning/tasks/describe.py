@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
 
 from .base import BuiltinTask, TaskJudge, TaskRater
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserInputError
+from .errors import UserInputError
 
 Record = dict[str, Any]
 SFT_KINDS = ("prompt/completion", "text", "messages")
