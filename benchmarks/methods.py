@@ -13,7 +13,10 @@ row per (task, method, seed) and the mean over seeds, and writes ``<out>/methods
     python benchmarks/methods.py --seeds 0 1                       # against the reward model
     python benchmarks/methods.py --reward oracle --seeds 0 1       # against the judge
 
-DPO (``configs/demo/dpo.yaml``) is not in the table yet: the pipeline has no SFT -> DPO path.
+DPO (``configs/demo/dpo.yaml``) runs SFT -> DPO on the reward stage's preference files (the same
+labels the reward model learned from) and is compared with SFT as the others are, sampled with
+the PPO config's generation settings; its row has no reward-model columns. The first method
+must not be ``dpo`` (the reward model is trained with the first method).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import suite  # noqa: E402
 from rlhf_lightning.best_of_n import best_of_n_kl  # noqa: E402
 from rlhf_lightning.tasks import get_task  # noqa: E402
 
-METHODS = ("ppo", "grpo", "rloo", "reinforce_pp")
+ESTIMATORS = ("ppo", "grpo", "rloo", "reinforce_pp")  # PPOModule against the reward model, by estimator
+METHODS = (*ESTIMATORS, "dpo")
 SHARED_STAGES = ("tokenizer", "sft", "reward")
 
 
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.set_defaults(out="outputs/methods")
     args = parser.parse_args(argv)
+    if args.methods[0] == "dpo":
+        parser.error("--methods: put a reward-model method first (it trains the reward model the others share)")
     recipe = Path(args.recipe)
     rows = []
     for task in args.tasks:
@@ -59,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                 method_args = args
                 if run != first:  # the shared stages ran (or were redone) with the first method
                     link_shared_stages(first, run)
-                    method_args = argparse.Namespace(**{**vars(args), "redo": [s for s in args.redo if s == "ppo"]})
-                row = suite.run_one(method_args, task, seed, files, run=run, ppo_config=recipe / f"{method}.yaml",
-                                    best_of_n=run == first)
+                    method_args = argparse.Namespace(**{**vars(args), "redo": [s for s in args.redo if s in ("ppo", "dpo")]})
+                config = {"dpo_config" if method == "dpo" else "ppo_config": recipe / f"{method}.yaml"}
+                row = suite.run_one(method_args, task, seed, files, run=run, best_of_n=run == first, **config)
                 rows.append({"method": method, **row})
                 print(suite.table(rows, group_by=("task", "method")), flush=True)
     print(f"\nbest-of-{suite.BEST_OF} KL to SFT: at most {best_of_n_kl(suite.BEST_OF):.2f} nats")

@@ -40,7 +40,8 @@ from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.tasks import BUILTIN_TASKS, get_task, import_object
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = {"sft": ("sft_train", "sft_val"), "reward": ("prefs_train", "prefs_val"), "ppo": ("prompts_train", "prompts_val")}
+DATA = {"sft": ("sft_train", "sft_val"), "reward": ("prefs_train", "prefs_val"), "ppo": ("prompts_train", "prompts_val"),
+        "dpo": ("prefs_train", "prefs_val")}
 BEST_OF = 16
 
 
@@ -63,17 +64,20 @@ def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def write_configs(recipe: Path, run: Path, files: dict[str, Path], task: str, seed: int, oracle: bool,
-                  overrides: list[str], redo: list[str], ppo_config: Path | None = None) -> Path:
+                  overrides: list[str], redo: list[str], ppo_config: Path | None = None, dpo_config: Path | None = None) -> Path:
     """The recipe's stage configs for one (task, seed) run; returns the pipeline config.
-    ``ppo_config`` replaces the recipe's ``ppo.yaml`` (another method's config)."""
+    ``ppo_config`` replaces the recipe's ``ppo.yaml`` (another method's config); ``dpo_config``
+    makes the run SFT -> DPO on the reward stage's preference files."""
     judge = f"rlhf_lightning.tasks.{task}.judge"
     paths = {}
     for stage, (train, val) in DATA.items():
-        source = ppo_config if stage == "ppo" and ppo_config is not None else recipe / f"{stage}.yaml"
+        if stage == "dpo" and dpo_config is None:
+            continue
+        source = {"ppo": ppo_config, "dpo": dpo_config}.get(stage) or recipe / f"{stage}.yaml"
         config = replace_strings(yaml.safe_load(source.read_text()), "outputs/demo", str(run))
         config["seed_everything"] = seed
         config["data"]["init_args"].update(train_file=str(files[train]), val_file=str(files[val]), task=task)
-        if stage != "sft":
+        if stage in ("reward", "ppo"):
             config["model"]["init_args"]["judge"] = judge
         if oracle and stage == "ppo":
             config["model"]["init_args"].pop("reward_model", None)
@@ -87,8 +91,9 @@ def write_configs(recipe: Path, run: Path, files: dict[str, Path], task: str, se
         paths[stage].parent.mkdir(parents=True, exist_ok=True)
         paths[stage].write_text(yaml.safe_dump(config, sort_keys=False))
     pipeline = replace_strings(yaml.safe_load((recipe / "pipeline.yaml").read_text()), "outputs/demo", str(run))
-    pipeline.update(sft=str(paths["sft"]), reward=str(paths["reward"]), ppo=str(paths["ppo"]), judge=judge, seed=seed,
-                    redo=redo)
+    pipeline.update(sft=str(paths["sft"]), reward=str(paths["reward"]), ppo=str(paths["ppo"]), dpo=paths.get("dpo"),
+                    judge=judge, seed=seed, redo=redo)
+    pipeline["dpo"] = None if pipeline["dpo"] is None else str(pipeline["dpo"])
     path = run / "configs" / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path
@@ -112,11 +117,11 @@ def best_of_n_reference(run: Path, task: str, prompts: list[str], generation: Ge
 
 
 def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Path], run: Path | None = None,
-            ppo_config: Path | None = None, best_of_n: bool = True) -> dict[str, Any]:
+            ppo_config: Path | None = None, best_of_n: bool = True, dpo_config: Path | None = None) -> dict[str, Any]:
     """One pipeline run (default folder ``<out>/<task>/seed<seed>``) and its row of the table."""
     run = run or Path(args.out) / task / f"seed{seed}"
     pipeline = write_configs(Path(args.recipe), run, files, task, seed, args.reward == "oracle", args.set, args.redo,
-                             ppo_config)
+                             ppo_config, dpo_config)
     started = time.perf_counter()
     if cli_main(["pipeline", "--config", str(pipeline)]) != 0:
         raise SystemExit(f"pipeline failed for {task} seed {seed}")

@@ -27,18 +27,24 @@ from .report import read_scalars, write_report
 from .generation import GenerationSettings
 from .tokenizer_training import DEFAULT_VOCAB_SIZE, train_tokenizer_folder
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
 T = TypeVar("T")
 TOKENIZER = "tokenizer"
 
 
 @dataclass
 class PipelineConfig:
-    """The pipeline: three stage configs, where the run lives, and the final evaluation.
+    """The pipeline: the stage configs, where the run lives, and the final evaluation.
 
     Args:
         run_dir: the run folder (TensorBoard sub-runs of the stages, report, summary.json).
-        sft, reward, ppo: the stage configs (YAML files as given to ``rlhf-lightning fit``).
+        sft: the SFT stage config (a YAML file as given to ``rlhf-lightning fit``).
+        reward: the reward-model stage config.
+        ppo: the PPO stage config (any estimator: ``ppo.advantage_estimator``).
+        dpo: a DPO stage config (a ``DPOModule`` on its own preference data): given, the policy
+            is trained by DPO from the SFT export (SFT -> DPO) and the reward and PPO stages do
+            not run. The final comparison samples with the PPO config's ``generation`` when that
+            file exists, so that DPO and PPO policies are compared alike.
         redo: stages to run again even when their output folder is complete (``tokenizer``
             too, which reruns every stage).
         eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` JSONL
@@ -57,6 +63,7 @@ class PipelineConfig:
     sft: str = "configs/demo/sft.yaml"
     reward: str = "configs/demo/reward.yaml"
     ppo: str = "configs/demo/ppo.yaml"
+    dpo: str | None = None
     redo: list[str] = field(default_factory=list)
     eval_prompts: str | None = None
     judge: str | None = None
@@ -98,15 +105,24 @@ def prepare_tokenizer(config: PipelineConfig) -> bool:
 
 
 def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
-    """The stages to run: all three, or SFT and PPO when the PPO config scores with its own
-    ``reward_fn`` (a rule, or a judge as an oracle reward) and needs no reward model."""
-    return ("sft", "ppo") if stage_init_args(config.ppo).get("reward_fn") else STAGES
+    """The stages to run: SFT, reward model and PPO; SFT and DPO with a ``dpo`` config; or SFT
+    and PPO when the PPO config scores with its own ``reward_fn`` (a rule, or a judge as an
+    oracle reward) and needs no reward model."""
+    if config.dpo:
+        return ("sft", "dpo")
+    return ("sft", "ppo") if stage_init_args(config.ppo).get("reward_fn") else ("sft", "reward", "ppo")
+
+
+def policy_stage(outputs: dict[str, str]) -> str:
+    """The stage whose export is the final policy: ``dpo`` or ``ppo``."""
+    return "dpo" if "dpo" in outputs else "ppo"
 
 
 def stage_outputs(config: PipelineConfig) -> dict[str, str]:
     """The export folders the stage configs write (what later stages read)."""
     outputs = {}
-    stages = {"sft": (config.sft, "export_dir"), "reward": (config.reward, "export_dir"), "ppo": (config.ppo, "policy_export_dir")}
+    stages = {"sft": (config.sft, "export_dir"), "reward": (config.reward, "export_dir"),
+              "ppo": (config.ppo, "policy_export_dir"), "dpo": (config.dpo, "export_dir")}
     for stage in pipeline_stages(config):
         path, key = stages[stage]
         outputs[stage] = stage_init_args(path).get(key)
@@ -121,10 +137,10 @@ OVERWRITE = "--model.init_args.overwrite_export=true"
 
 
 def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, list[str]]:
-    """``fit`` arguments of each stage, wired to the previous stages' exports (and to the
-    pipeline's judge, and to the user's SFT data for the reward model's normalisation)."""
+    """``fit`` arguments of each stage of ``outputs``, wired to the previous stages' exports (and
+    to the pipeline's judge, and to the user's SFT data for the reward model's normalisation)."""
     reward_args = stage_init_args(config.reward) if "reward" in outputs else {}
-    ppo_args = stage_init_args(config.ppo)
+    ppo_args = stage_init_args(config.ppo) if "ppo" in outputs else {}
 
     def judge(stage_args: dict[str, Any]) -> list[str]:
         found = stage_judge(config.judge, stage_args)
@@ -133,7 +149,7 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
     # Reward normalisation (mean reward of SFT demonstrations = 0) on the user's own SFT data.
     sft_file = sft_data_file(config.sft)
     normalize = [f"--model.init_args.normalize_file={sft_file}"] if sft_file and not reward_args.get("normalize_file") else []
-    return {
+    commands = {
         "sft": ["fit", "--config", config.sft, OVERWRITE],
         "reward": ["fit", "--config", config.reward, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}",
                    *judge(reward_args), *normalize] if "reward" in outputs else [],
@@ -143,8 +159,12 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
             # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
             *([f"--model.init_args.reward_model={outputs['reward']}"] if "reward" in outputs else []),
             *judge(ppo_args),
-        ],
+        ] if "ppo" in outputs else [],
+        # the reference stays the policy's starting point (the SFT export) unless the config names one
+        "dpo": ["fit", "--config", config.dpo, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}"]
+        if "dpo" in outputs else [],
     }
+    return {stage: command for stage, command in commands.items() if stage in outputs}
 
 
 def run_pipeline(config: PipelineConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -227,20 +247,25 @@ def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], l
 
 
 def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
-    """Compare the PPO policy with the SFT policy on held-out prompts."""
+    """Compare the final policy (PPO's or DPO's) with the SFT policy on held-out prompts: the
+    ``eval_prompts``, else the validation prompts of the policy stage's data."""
     from .records import read_prompts
     from .evaluation import compare_policies
     from .tasks import label_agreement
 
     judge = load_judge(config.judge)
-    records = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(config.ppo)[1]
+    stage = policy_stage(outputs)
+    stage_config = config.dpo if stage == "dpo" else config.ppo
+    records = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(stage_config)[1]
     prompts = [r["prompt"] for r in records]
+    if stage == "dpo" and not config.eval_prompts:  # preference pairs: one prompt may have several
+        prompts = list(dict.fromkeys(prompts))
     if not prompts:
-        raise UserInputError(f"{config.ppo}: no validation prompts for the final comparison; hint: set eval_prompts")
-    generation = GenerationSettings(**(stage_init_args(config.ppo).get("generation") or {}))
+        raise UserInputError(f"{stage_config}: no validation prompts for the final comparison; hint: set eval_prompts")
+    sampling = stage_init_args(config.ppo).get("generation") if Path(config.ppo).is_file() else None
     comparison, rows = compare_policies(
-        outputs["ppo"], outputs["sft"], prompts, reward_model_dir=outputs.get("reward"),
-        generation=generation, judge=judge, seed=config.seed,
+        outputs[stage], outputs["sft"], prompts, reward_model_dir=outputs.get("reward"),
+        generation=GenerationSettings(**(sampling or {})), judge=judge, seed=config.seed,
     )
     scalars = read_scalars(Path(config.run_dir))
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
@@ -252,18 +277,20 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
         # the noisy held-out labels.
         reward["label_ceiling"] = label_agreement(held_out, judge)
     summary = {
+        "policy_stage": stage,
         "gold_win_rate": comparison.gold_win_rate,
         "comparison": comparison.to_dict(),
         "sft": {k: final.get("sft", {}).get(k) for k in ("val/loss", "val/token_accuracy", "val/perplexity")},
         "reward": reward,
         "ppo": {k: v for k, v in final.get("ppo", {}).items() if k.startswith(("eval/", "objective/"))},
+        "dpo": {k: v for k, v in final.get("dpo", {}).items() if k.startswith(("val/", "rewards/"))} if stage == "dpo" else {},
         "samples": rows[:8],
     }
     return summary
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    c = summary["comparison"]
+    c, policy = summary["comparison"], summary.get("policy_stage", "ppo").upper()
 
     def fmt(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -273,13 +300,13 @@ def print_table(summary: dict[str, Any]) -> None:
         ("RM val accuracy", summary["reward"].get("val/accuracy")),
         ("RM ceiling (gold vs noisy labels)", summary["reward"].get("label_ceiling")),
         ("RM gold accuracy", summary["reward"].get("val/gold_accuracy")),
-        ("gold win rate PPO vs SFT", c["gold_win_rate"]),
-        ("gold score PPO / SFT", f"{fmt(c['gold_score'])} / {fmt(c['baseline_gold_score'])}"),
-        ("validity PPO / SFT", f"{fmt(c['validity'])} / {fmt(c['baseline_validity'])}"),
-        ("RM score PPO / SFT", f"{fmt(c['score'])} / {fmt(c['baseline_score'])}"),
-        ("RM-gold Spearman, samples PPO / SFT",
+        (f"gold win rate {policy} vs SFT", c["gold_win_rate"]),
+        (f"gold score {policy} / SFT", f"{fmt(c['gold_score'])} / {fmt(c['baseline_gold_score'])}"),
+        (f"validity {policy} / SFT", f"{fmt(c['validity'])} / {fmt(c['baseline_validity'])}"),
+        (f"RM score {policy} / SFT", f"{fmt(c['score'])} / {fmt(c['baseline_score'])}"),
+        (f"RM-gold Spearman, samples {policy} / SFT",
          f"{fmt(c['reward_gold_spearman'])} / {fmt(c['baseline_reward_gold_spearman'])}"),
-        ("KL(PPO || SFT) per response", c["kl"]),
+        (f"KL({policy} || SFT) per response", c["kl"]),
     ]
     width = max(len(name) for name, _ in lines)
     print("\n".join(f"{name:<{width}}  {fmt(value)}" for name, value in lines))

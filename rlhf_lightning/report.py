@@ -85,7 +85,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
     title = "PPO: score against KL to SFT (over-optimisation)"
     if "eval/gold_score vs eval/kl" in curve and plot(run_dir / OVEROPTIMISATION, title, curve, xlabel="KL(policy || SFT), nats"):
         images.append((title, OVEROPTIMISATION))
-    c = summary["comparison"]
+    c, policy = summary["comparison"], summary.get("policy_stage", "ppo").upper()
 
     def fmt(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -93,18 +93,18 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
     lines = [
         "# RLHF run report",
         "",
-        f"PPO policy against the SFT policy on {c['num_prompts']} held-out prompts (same sampling seed).",
+        f"{policy} policy against the SFT policy on {c['num_prompts']} held-out prompts (same sampling seed).",
         "",
-        "| metric | PPO | SFT |",
+        f"| metric | {policy} | SFT |",
         "|---|---|---|",
-        f"| gold win rate (PPO over SFT) | {fmt(c['gold_win_rate'])} | |",
+        f"| gold win rate ({policy} over SFT) | {fmt(c['gold_win_rate'])} | |",
         f"| gold score | {fmt(c['gold_score'])} | {fmt(c['baseline_gold_score'])} |",
         f"| validity (the judge's check) | {fmt(c['validity'])} | {fmt(c['baseline_validity'])} |",
         f"| reward-model score | {fmt(c['score'])} | {fmt(c['baseline_score'])} |",
         f"| Spearman(reward model, gold) on these samples | {fmt(c['reward_gold_spearman'])} "
         f"| {fmt(c['baseline_reward_gold_spearman'])} |",
         f"| response length (tokens) | {fmt(c['response_length'])} | {fmt(c['baseline_response_length'])} |",
-        f"| KL(PPO ‖ SFT) per response | {fmt(c['kl'])} | |",
+        f"| KL({policy} ‖ SFT) per response | {fmt(c['kl'])} | |",
         "",
         "## Stages",
         "",
@@ -119,7 +119,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], scalars: Scalars) -> Pa
         lines += ["## Curves", ""] + [f"![{title}]({name})" for title, name in images] + [""]
     else:
         lines += ["(No plots: install matplotlib, `pip install rlhf-lightning[report]`.)", ""]
-    lines += ["## Samples (same prompt, same seed)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+    lines += ["## Samples (same prompt, same seed)", "", f"| prompt | SFT | {policy} |", "|---|---|---|"]
     for row in summary["samples"]:
         cells = [row["prompt"], row["baseline_response"], row["response"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")

@@ -224,3 +224,55 @@ def test_pipeline_reruns_stages_with_overwrite_export(tmp_path: Path, capsys):
             main([*command, "--print_config"])
         assert caught.value.code == 0
         assert "overwrite_export: true" in capsys.readouterr().out, stage
+
+
+def tiny_dpo_config(run: Path) -> Path:
+    """The demo's DPO config shrunk to seconds, on a few of the task's preference pairs."""
+    from rlhf_lightning.tasks import SentimentTask
+
+    pairs = run / "prefs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in SentimentTask(3).preference_records(48, "train")))
+    config = yaml.safe_load((ROOT / "configs/demo/dpo.yaml").read_text())
+    config["trainer"].update(max_steps=4, val_check_interval=4)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "dpo/checkpoints")
+    config["model"]["init_args"].update(export_dir=str(run / "dpo/model"), warmup_steps=1)
+    config["data"]["init_args"].update(train_file=str(pairs), val_file=str(pairs), batch_size=8, val_batch_size=16)
+    path = run / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_pipeline_sft_then_dpo(tmp_path: Path, capsys):
+    """With a dpo config the pipeline runs SFT -> DPO (no reward model, no PPO), wires the SFT
+    export in as DPO's starting point, and reports the DPO policy against SFT."""
+    from rlhf_lightning.pipeline import PipelineConfig, pipeline_stages, stage_commands, stage_outputs
+
+    config = yaml.safe_load(tiny_stage_configs(tmp_path).read_text())
+    config["dpo"] = str(tiny_dpo_config(tmp_path))
+    path = tmp_path / "pipeline-dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = PipelineConfig(**config)
+    assert pipeline_stages(settings) == ("sft", "dpo")
+    outputs = stage_outputs(settings)
+    assert outputs == {"sft": str(tmp_path / "sft/model"), "dpo": str(tmp_path / "dpo/model")}
+    assert f"--model.init_args.model_name_or_path={tmp_path / 'sft/model'}" in stage_commands(settings, outputs)["dpo"]
+
+    assert main(["pipeline", "--config", str(path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["policy_stage"] == "dpo" and summary["outputs"] == outputs
+    assert summary["stage_seconds"]["dpo"] > 0 and "reward" not in summary["stage_seconds"]
+    assert 0 <= summary["comparison"]["gold_win_rate"] <= 1 and summary["comparison"]["score"] is None  # no reward model
+    assert "val/loss" in summary["dpo"] and "rewards/accuracies" in " ".join(summary["dpo"])
+    # the final comparison sampled with the PPO config's generation settings (max_new_tokens 16)
+    assert summary["comparison"]["response_length"] <= 16
+    report = (tmp_path / "report.md").read_text()
+    assert "DPO policy against the SFT policy" in report and "| metric | DPO | SFT |" in report
+    assert "gold win rate DPO vs SFT" in capsys.readouterr().out
+
+
+def test_the_dpo_demo_pipeline_is_sft_then_dpo():
+    from rlhf_lightning.pipeline import PipelineConfig, parse_settings, stage_outputs
+
+    config = parse_settings(PipelineConfig, "pipeline", None, ["--config", str(ROOT / "configs/demo/pipeline-dpo.yaml")])
+    assert stage_outputs(config) == {"sft": "outputs/demo/sft/model", "dpo": "outputs/demo/dpo/model"}

@@ -42,7 +42,10 @@ def test_derived_configs_differ_from_the_recipe_only_where_allowed(tmp_path: Pat
     assert derived["judge"] == "rlhf_lightning.tasks.lists.judge" and derived["seed"] == 1
     allowed = {"seed_everything", "data.init_args.train_file", "data.init_args.val_file", "data.init_args.task",
                "model.init_args.judge"}
+    assert derived["dpo"] is None  # the SFT -> DPO path only for the dpo method
     for stage, (train, val) in suite.DATA.items():
+        if stage == "dpo":
+            continue
         recipe = flatten(yaml.safe_load((ROOT / "configs" / "demo" / f"{stage}.yaml").read_text()))
         mine = flatten(yaml.safe_load(Path(derived[stage]).read_text()))
         assert set(recipe) <= set(mine) and set(mine) - set(recipe) <= allowed, stage
@@ -87,7 +90,7 @@ CRITIC_KEYS = {"model.init_args.critic_learning_rate", "model.init_args.ppo.vf_c
 def test_method_configs_differ_from_ppo_only_in_the_estimator():
     methods = load_methods()
     ppo = flatten(yaml.safe_load((ROOT / "configs" / "demo" / "ppo.yaml").read_text()))
-    for method in methods.METHODS:
+    for method in methods.ESTIMATORS:
         mine = flatten(yaml.safe_load((ROOT / "configs" / "demo" / f"{method}.yaml").read_text()))
         changed = {k for k in set(ppo) | set(mine) if ppo.get(k, "absent") != mine.get(k, "absent")}
         assert changed <= METHOD_KEYS | CRITIC_KEYS, (method, changed - METHOD_KEYS - CRITIC_KEYS)
@@ -109,3 +112,21 @@ def test_methods_share_the_first_methods_stages(tmp_path: Path):
                                    ROOT / "configs" / "demo" / "grpo.yaml")
     ppo = yaml.safe_load(Path(yaml.safe_load(pipeline.read_text())["ppo"]).read_text())["model"]["init_args"]
     assert ppo["ppo"]["advantage_estimator"] == "grpo" and ppo["policy_export_dir"] == str(other / "grpo" / "policy")
+
+
+def test_the_dpo_method_learns_from_the_reward_stages_pairs(tmp_path: Path):
+    suite = load_suite()
+    files = {name: tmp_path / f"{name}.jsonl" for name in
+             ("sft_train", "sft_val", "prefs_train", "prefs_val", "prompts_train", "prompts_val")}
+    run = tmp_path / "lists" / "seed0" / "dpo"
+    pipeline = suite.write_configs(ROOT / "configs" / "demo", run, files, "lists", 0, False, [], [],
+                                   dpo_config=ROOT / "configs" / "demo" / "dpo.yaml")
+    derived = yaml.safe_load(pipeline.read_text())
+    dpo, reward = (yaml.safe_load(Path(derived[stage]).read_text()) for stage in ("dpo", "reward"))
+    assert dpo["data"]["init_args"]["train_file"] == reward["data"]["init_args"]["train_file"] == str(files["prefs_train"])
+    recipe = flatten(yaml.safe_load((ROOT / "configs" / "demo" / "dpo.yaml").read_text()))
+    changed = {k for k, v in flatten(dpo).items() if recipe.get(k, "absent") != v}
+    assert changed == {"data.init_args.train_file", "data.init_args.val_file", "data.init_args.task",  # (seed 0: the recipe's)
+                       "model.init_args.model_name_or_path", "model.init_args.export_dir",
+                       "trainer.logger.init_args.save_dir", "trainer.callbacks.0.init_args.dirpath"}
+    assert dpo["model"]["init_args"]["export_dir"] == str(run / "dpo" / "model") and "judge" not in dpo["model"]["init_args"]
