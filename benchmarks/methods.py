@@ -14,8 +14,8 @@ row per (task, method, seed) and the mean over seeds, and writes ``<out>/methods
     python benchmarks/methods.py --reward oracle --seeds 0 1       # against the judge
 
 DPO (``configs/demo/dpo.yaml``) runs SFT -> DPO on the reward stage's preference files (the same
-labels the reward model learned from) and is compared with SFT as the others are, sampled with
-the PPO config's generation settings; its row has no reward-model columns. The first method
+labels the reward model learned from) and is compared with SFT as the others are (the PPO config's
+prompts and generation settings); its row has no reward-model columns. The first method
 must not be ``dpo`` (the reward model is trained with the first method).
 """
 

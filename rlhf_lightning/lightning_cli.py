@@ -20,9 +20,34 @@ from .terminal import lightning_noise_silenced
 
 class EpochProgressBar(RichProgressBar):
     """Lightning's rich progress bar, reading "Epoch 4" instead of "Epoch 4/-2" when the run is
-    bounded by ``max_steps`` alone (``max_epochs`` -1)."""
+    bounded by ``max_steps`` alone (``max_epochs`` -1). For a module that counts iterations
+    (PPO: ``iteration`` and ``planned_iterations()``) one bar spans the whole run, "PPO iteration
+    N/total" with the run's ETA, instead of one bar per pass over the prompts."""
+
+    planned: int | None = None  # the run's iterations, for a module that counts them
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        planned = getattr(pl_module, "planned_iterations", None)
+        self.planned = planned() if callable(planned) and hasattr(pl_module, "iteration") else None
+        super().on_train_start(trainer, pl_module)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.planned if self.planned is not None else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.planned is None or self.train_progress_bar_id is None:  # (a new pass over the
+            super().on_train_epoch_start(trainer, pl_module)           # prompts keeps the run's bar)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.planned is not None:
+            self._update(self.train_progress_bar_id, pl_module.iteration)
 
     def _get_train_description(self, current_epoch: int) -> str:
+        if self.planned is not None:
+            return f"{'PPO iteration':{len(self.validation_description)}}"
         if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
             return super()._get_train_description(current_epoch)
         # padded like Lightning's, so that the bar does not jump at validation

@@ -43,8 +43,8 @@ class PipelineConfig:
         ppo: the PPO stage config (any estimator: ``ppo.advantage_estimator``).
         dpo: a DPO stage config (a ``DPOModule`` on its own preference data): given, the policy
             is trained by DPO from the SFT export (SFT -> DPO) and the reward and PPO stages do
-            not run. The final comparison samples with the PPO config's ``generation`` when that
-            file exists, so that DPO and PPO policies are compared alike.
+            not run. The final comparison then uses the PPO config's validation prompts and
+            ``generation`` when that file exists, so that DPO and PPO policies are compared alike.
         redo: stages to run again even when their output folder is complete (``tokenizer``
             too, which reruns every stage).
         eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` JSONL
@@ -255,14 +255,15 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
 
     judge = load_judge(config.judge)
     stage = policy_stage(outputs)
-    stage_config = config.dpo if stage == "dpo" else config.ppo
-    records = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(stage_config)[1]
-    prompts = [r["prompt"] for r in records]
-    if stage == "dpo" and not config.eval_prompts:  # preference pairs: one prompt may have several
-        prompts = list(dict.fromkeys(prompts))
+    # DPO's policy is compared as PPO's would be: on the PPO config's prompts and sampling settings
+    # when that file exists, else on its own pairs' prompts with default sampling
+    has_ppo = stage == "ppo" or Path(config.ppo).is_file()
+    prompts_from = config.ppo if has_ppo else config.dpo
+    records = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(prompts_from)[1]
+    prompts = list(dict.fromkeys(r["prompt"] for r in records)) if prompts_from == config.dpo else [r["prompt"] for r in records]
     if not prompts:
-        raise UserInputError(f"{stage_config}: no validation prompts for the final comparison; hint: set eval_prompts")
-    sampling = stage_init_args(config.ppo).get("generation") if Path(config.ppo).is_file() else None
+        raise UserInputError(f"{prompts_from}: no validation prompts for the final comparison; hint: set eval_prompts")
+    sampling = stage_init_args(config.ppo).get("generation") if has_ppo else None
     comparison, rows = compare_policies(
         outputs[stage], outputs["sft"], prompts, reward_model_dir=outputs.get("reward"),
         generation=GenerationSettings(**(sampling or {})), judge=judge, seed=config.seed,

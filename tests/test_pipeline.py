@@ -246,7 +246,8 @@ def tiny_dpo_config(run: Path) -> Path:
 def test_pipeline_sft_then_dpo(tmp_path: Path, capsys):
     """With a dpo config the pipeline runs SFT -> DPO (no reward model, no PPO), wires the SFT
     export in as DPO's starting point, and reports the DPO policy against SFT."""
-    from rlhf_lightning.pipeline import PipelineConfig, pipeline_stages, stage_commands, stage_outputs
+    from rlhf_lightning.pipeline import (PipelineConfig, datamodule_records, pipeline_stages, stage_commands,
+                                         stage_outputs)
 
     config = yaml.safe_load(tiny_stage_configs(tmp_path).read_text())
     config["dpo"] = str(tiny_dpo_config(tmp_path))
@@ -269,6 +270,17 @@ def test_pipeline_sft_then_dpo(tmp_path: Path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "DPO policy against the SFT policy" in report and "| metric | DPO | SFT |" in report
     assert "gold win rate DPO vs SFT" in capsys.readouterr().out
+    # without eval_prompts, DPO's policy is compared on the PPO config's validation prompts, as PPO's would be
+    config["eval_prompts"] = None
+    path.write_text(yaml.safe_dump(config))
+    ppo = yaml.safe_load(Path(config["ppo"]).read_text())
+    ppo["data"]["init_args"]["val_file"] = str(tmp_path / "ppo_val.jsonl")
+    (tmp_path / "ppo_val.jsonl").write_text("".join(f'{{"prompt": "Review {i}:"}}\n' for i in range(12)))
+    Path(config["ppo"]).write_text(yaml.safe_dump(ppo))
+    assert main(["pipeline", "--config", str(path)]) == 0  # the stages are complete: the evaluation only
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stage_seconds"]["dpo"] is None
+    assert summary["comparison"]["num_prompts"] == len(datamodule_records(config["ppo"])[1]) == 12
 
 
 def test_the_dpo_demo_pipeline_is_sft_then_dpo():

@@ -149,3 +149,36 @@ def test_the_package_spearman_metric_does_not_warn():
     with terminal_output() as (_, caught):  # the user's own still warns
         SpearmanCorrCoef()
     assert [w for w in caught if "SpearmanCorrcoef" in str(w.message)]
+
+
+def test_ppo_has_one_progress_bar_over_its_iterations(tmp_path: Path, byte_gpt2_dir: Path):
+    """PPO's bar counts iterations over the whole run (prompt passes do not restart it) and shows
+    the score and KL."""
+    from lightning.pytorch import Trainer
+
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.generation import GenerationSettings
+    from rlhf_lightning.modules import PPOModule, PPOSettings
+    from rlhf_lightning.tasks import gold_rewards
+
+    seen = {}
+
+    class Recording(EpochProgressBar):
+        def on_train_end(self, trainer, pl_module):
+            task = self.progress.tasks[self.train_progress_bar_id]
+            seen.update(total=task.total, completed=task.completed, description=task.description.strip(),
+                        metrics=self.get_metrics(trainer, pl_module))
+            super().on_train_end(trainer, pl_module)
+
+    module = PPOModule(policy=str(byte_gpt2_dir), reward_fn=gold_rewards, generation=GenerationSettings(max_new_tokens=4),
+                       ppo=PPOSettings(epochs=1, num_minibatches=1), max_iterations=3, policy_export_dir=None,
+                       critic_export_dir=None, health_guards=False)
+    data = PromptDataModule(train_file=str(tmp_path / "prompts.jsonl"), batch_size=2, max_length=32)
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "review {i}:"}}\n' for i in range(4)))  # 2 batches a pass
+    trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, enable_model_summary=False, callbacks=[Recording()])
+    with terminal_output():
+        trainer.fit(module, datamodule=data)
+    assert seen["total"] == 3 and seen["completed"] == 3 and seen["description"] == "PPO iteration"
+    assert trainer.current_epoch >= 1  # the run crossed a pass over the prompts on one bar
+    assert {"score", "kl"} <= set(seen["metrics"])

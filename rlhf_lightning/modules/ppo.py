@@ -218,7 +218,7 @@ class PPOModule(ExportingModule):
                       "time/tokens_per_s": rollout.response_mask.sum().item() / max(seconds, 1e-9)})
         self.iteration_stats = {k: float(v) for k, v in stats.items()}
         self.log_dict(self.iteration_stats, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollout))
-        self.log("iteration", float(self.iteration), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict({"score": stats["objective/scores"], "kl": stats["objective/kl"]}, prog_bar=True, logger=False)
 
     def rollout(self, batch: dict[str, Tensor]) -> RolloutBatch:
         """Experience on a batch of prompts, each repeated ``ppo.samples_per_prompt`` times in
