@@ -1,4 +1,4 @@
-"""Comparing two policies on held-out prompts: what the pipeline report is made of.
+"""Comparing two policies on held-out prompts: the pipeline's final comparison and PPO's validation.
 
 Both policies sample with the same seed and settings; the reward model (when given) scores
 both, KL to the reference is measured on the trained policy's samples, and a gold judge (when
@@ -17,12 +17,11 @@ from torchmetrics.functional import spearman_corrcoef
 
 from . import rlhf_math as pm
 from .data.encoding import attention_mask_for, encode_preference, encode_prompt, pad
-from .records import Record
-from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from .forwards import response_logprobs, score_sequences
 from .generation import GenerationSettings, Responses, sample
+from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
+from .records import Record
 from .reward_sources import RewardModelScorer, TextRewardFn
-from .rlhf_math import pair_accuracy
 from .terminal import spearman_corrcoef as spearman_metric
 
 
@@ -68,47 +67,6 @@ def judge_pairs(judge: JudgeFn, prompts: list[str], completions: list[str], base
         judged["baseline_validity"] = judge_validity(judge, prompts, baseline_completions)
     return judged
 
-
-
-class ComparisonMetrics(torch.nn.Module):
-    """Running averages of a policy-against-reference comparison over validation batches (PPO's
-    ``eval/*`` metrics): reward scores, KL, length and EOS rate of the policy's samples, and with a
-    judge the gold scores, validity, win rate and the reward's Spearman correlation with the
-    judge on each policy's samples. Metrics never updated are left out of :meth:`compute`."""
-
-    MEANS = ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
-             "gold_win_rate", "validity", "ref_validity")
-    #: metric name -> the key of :func:`judge_pairs`'s result it averages
-    JUDGED = {"gold_score": "gold", "ref_gold_score": "baseline_gold", "gold_win_rate": "win",
-              "validity": "validity", "ref_validity": "baseline_validity"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in self.MEANS})
-        for name in ("reward_gold_spearman", "ref_reward_gold_spearman"):
-            self.metrics[name] = spearman_metric()
-
-    def update(self, batch: BatchComparison, eos_token_id: int) -> None:
-        """One batch of :func:`compare_batch` (with a reward source)."""
-        m, scores, ref_scores, judged, policy = self.metrics, batch.scores, batch.baseline_scores, batch.judged, batch.policy
-        m["score"].update(scores)
-        m["ref_score"].update(ref_scores)
-        m["kl"].update(batch.kl)
-        m["response_length"].update(policy.response_mask.sum(1).float())
-        m["eos_rate"].update(pm.has_eos(policy.response_ids, eos_token_id).float())
-        if judged is not None:
-            for name, key in self.JUDGED.items():
-                if key in judged:
-                    m[name].update(scores.new_tensor(judged[key]))
-            m["reward_gold_spearman"].update(scores, scores.new_tensor(judged["gold"]))
-            m["ref_reward_gold_spearman"].update(ref_scores, ref_scores.new_tensor(judged["baseline_gold"]))
-
-    def compute(self) -> dict[str, Tensor]:
-        """The averages so far, then reset for the next validation."""
-        values = {name: metric.compute() for name, metric in self.metrics.items() if metric.update_called}
-        for metric in self.metrics.values():
-            metric.reset()
-        return values
 
 
 @dataclass
@@ -165,6 +123,47 @@ def compare_batch(
     return BatchComparison(mine, theirs, scores, baseline_scores, kl, judged)
 
 
+class ComparisonMetrics(torch.nn.Module):
+    """Running averages of a policy-against-reference comparison over validation batches (PPO's
+    ``eval/*`` metrics): reward scores, KL, length and EOS rate of the policy's samples, and with a
+    judge the gold scores, validity, win rate and the reward's Spearman correlation with the
+    judge on each policy's samples. Metrics never updated are left out of :meth:`compute`."""
+
+    MEANS = ("score", "ref_score", "kl", "response_length", "eos_rate", "gold_score", "ref_gold_score",
+             "gold_win_rate", "validity", "ref_validity")
+    #: metric name -> the key of :func:`judge_pairs`'s result it averages
+    JUDGED = {"gold_score": "gold", "ref_gold_score": "baseline_gold", "gold_win_rate": "win",
+              "validity": "validity", "ref_validity": "baseline_validity"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in self.MEANS})
+        for name in ("reward_gold_spearman", "ref_reward_gold_spearman"):
+            self.metrics[name] = spearman_metric()
+
+    def update(self, batch: BatchComparison, eos_token_id: int) -> None:
+        """One batch of :func:`compare_batch` (with a reward source)."""
+        m, scores, ref_scores, judged, policy = self.metrics, batch.scores, batch.baseline_scores, batch.judged, batch.policy
+        m["score"].update(scores)
+        m["ref_score"].update(ref_scores)
+        m["kl"].update(batch.kl)
+        m["response_length"].update(policy.response_mask.sum(1).float())
+        m["eos_rate"].update(pm.has_eos(policy.response_ids, eos_token_id).float())
+        if judged is not None:
+            for name, key in self.JUDGED.items():
+                if key in judged:
+                    m[name].update(scores.new_tensor(judged[key]))
+            m["reward_gold_spearman"].update(scores, scores.new_tensor(judged["gold"]))
+            m["ref_reward_gold_spearman"].update(ref_scores, ref_scores.new_tensor(judged["baseline_gold"]))
+
+    def compute(self) -> dict[str, Tensor]:
+        """The averages so far, then reset for the next validation."""
+        values = {name: metric.compute() for name, metric in self.metrics.items() if metric.update_called}
+        for metric in self.metrics.values():
+            metric.reset()
+        return values
+
+
 def compare_policies(
     policy_dir: str,
     baseline_dir: str,
@@ -209,7 +208,7 @@ def reward_model_accuracy(reward_model_dir: str, records: list[Record], max_leng
     for side in ("chosen", "rejected"):
         rows = [pair[side] for pair in pairs]
         scores[side] = score_sequences(model, pad(rows, tokenizer.pad_token_id), attention_mask_for(rows), batch_size)
-    return pair_accuracy(scores["chosen"], scores["rejected"]).mean().item()
+    return pm.pair_accuracy(scores["chosen"], scores["rejected"]).mean().item()
 
 
 def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, responses: Responses, temperature: float) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""SFT -> reward model -> PPO in one command, with a report.
+"""SFT -> reward model -> PPO (or SFT -> DPO) in one command, with a report.
 
 Each stage is an ordinary ``rlhf-lightning fit`` run of its own YAML config. The pipeline
 first trains the tokenizer that the SFT config names in ``tokenizer_name_or_path`` (on the SFT
 training data) when that folder does not exist yet. Then it only chains the stages (the
 reward stage starts from the SFT export, PPO from both), skips a stage whose export folder is
-already complete (unless ``redo`` names it), and at the end compares the PPO policy with the
-SFT policy on held-out prompts and writes ``summary.json``, ``report.md`` and plots into
+already complete (unless ``redo`` names it), and at the end compares the final policy (PPO's,
+or DPO's with a ``dpo`` config) with the SFT policy on held-out prompts and writes ``summary.json``, ``report.md`` and plots into
 ``run_dir``.
 """
 
