@@ -15,6 +15,7 @@ One place for the rules that every RLHF stage depends on:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -337,4 +338,18 @@ def is_complete_hf_folder(path: str | os.PathLike[str]) -> bool:
 def has_tokenizer_files(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` holds a saved tokenizer (its ``tokenizer_config.json``)."""
     return (Path(path) / "tokenizer_config.json").exists()
+
+
+def load_reference(
+    name_or_path: str, tokenizer: PreTrainedTokenizerBase, policy_name: str | None = None,
+    policy: PreTrainedModel | None = None,
+) -> PreTrainedModel:
+    """A frozen causal LM (eval mode, no gradients): a KL reference or a teacher. When it names
+    the same preset as ``policy_name``, a frozen copy of ``policy`` as loaded (a preset is drawn
+    at random: a second load would be another model); otherwise loaded from ``name_or_path``."""
+    if policy is not None and name_or_path == policy_name and is_preset(name_or_path):
+        model = copy.deepcopy(policy)
+    else:
+        model = load_causal_lm(name_or_path, tokenizer)
+    return model.eval().requires_grad_(False)
 

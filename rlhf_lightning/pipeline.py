@@ -152,17 +152,16 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
     commands = {
         "sft": ["fit", "--config", config.sft, OVERWRITE],
         "reward": ["fit", "--config", config.reward, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}",
-                   *judge(reward_args), *normalize] if "reward" in outputs else [],
+                   *judge(reward_args), *normalize],
         "ppo": [
             "fit", "--config", config.ppo, OVERWRITE,
             f"--model.init_args.policy={outputs['sft']}",
             # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
             *([f"--model.init_args.reward_model={outputs['reward']}"] if "reward" in outputs else []),
             *judge(ppo_args),
-        ] if "ppo" in outputs else [],
+        ],
         # the reference stays the policy's starting point (the SFT export) unless the config names one
-        "dpo": ["fit", "--config", config.dpo, OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}"]
-        if "dpo" in outputs else [],
+        "dpo": ["fit", "--config", str(config.dpo), OVERWRITE, f"--model.init_args.model_name_or_path={outputs['sft']}"],
     }
     return {stage: command for stage, command in commands.items() if stage in outputs}
 

@@ -3,7 +3,6 @@ reference, the reward source and the critic (:func:`load_ppo_models`)."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lora import AdapterDisabled, LoRASettings, add_adapter
-from .models import is_preset, load_causal_lm, load_reward_model, load_sequence_scorer, load_tokenizer
+from .models import load_causal_lm, load_reference, load_reward_model, load_sequence_scorer, load_tokenizer
 from .reward_sources import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
 
 
@@ -41,7 +40,7 @@ def load_ppo_models(
 ) -> PPOModels:
     """Load what PPO trains against.
 
-    The reference is ``reference`` (default: ``policy``; for a preset policy, a copy of it), frozen; with ``lora``
+    The reference is ``reference`` (default: ``policy``), frozen (:func:`~rlhf_lightning.models.load_reference`); with ``lora``
     (:class:`~rlhf_lightning.lora.LoRASettings`) the policy trains an adapter and the reference is
     its own base model with the adapter disabled (one copy of the base weights). The reward comes
     from the ``reward_model`` folder (frozen) or the ``reward_fn`` callable (neither: no scorer, for
@@ -49,21 +48,16 @@ def load_ppo_models(
     ``critic``, else the reward model when it shares the policy's tokenizer, else the policy with
     a new scalar head.
     """
-    def frozen(model: PreTrainedModel) -> PreTrainedModel:
-        return model.requires_grad_(False).eval()
-
     policy_model = load_causal_lm(policy, tokenizer)
     if lora is not None:
         policy_model = add_adapter(policy_model, lora, "model.init_args.lora")
         reference_model: torch.nn.Module = AdapterDisabled(policy_model)
-    elif reference is None and is_preset(policy):  # a preset is drawn at random: loaded twice, it would differ
-        reference_model = frozen(copy.deepcopy(policy_model))
     else:
-        reference_model = frozen(load_causal_lm(reference or policy, tokenizer))
+        reference_model = load_reference(reference or policy, tokenizer, policy, policy_model)
     scorer, scorer_model, critic_source = None, None, critic
     if reward_model is not None:
         reward_tokenizer = load_tokenizer(reward_model)
-        scorer_model = frozen(load_reward_model(reward_model, reward_tokenizer))
+        scorer_model = load_reward_model(reward_model, reward_tokenizer).eval().requires_grad_(False)
         scorer = RewardModelScorer(scorer_model, reward_tokenizer, tokenizer, reward_batch_size)
         if critic_source is None and same_tokenizer(reward_tokenizer, tokenizer):
             critic_source = reward_model

@@ -153,3 +153,13 @@ def test_cli_bad_setting_is_one_line_naming_the_key(tmp_path: Path, byte_gpt2_di
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: model.init_args.{key}: {message}"]
     assert not (tmp_path / "export").exists()
+
+
+def test_a_preset_policy_is_its_own_reference():
+    """A preset is drawn at random: DPO's reference is a frozen copy of the policy as loaded, so
+    the first step's implicit rewards are 0, not the gap between two random models."""
+    module = DPOModule(model_name_or_path="preset:micro-gpt2", export_dir=None)
+    module.configure_model()
+    policy, reference = module.model.state_dict(), module.reference.state_dict()
+    assert policy.keys() == reference.keys() and all(torch.equal(policy[k], reference[k]) for k in policy)
+    assert not any(p.requires_grad for p in module.reference.parameters())

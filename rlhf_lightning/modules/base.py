@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights
 from ..lora import LoRASettings, add_adapter
-from ..models import ModelLoadError, load_causal_lm, load_tokenizer
+from ..models import ModelLoadError, load_reference, load_tokenizer
 from ..optim import adamw, warmup_schedule
 from .export import ExportingModule
 
@@ -64,11 +64,12 @@ class HFModelModule(ExportingModule):
             model = add_adapter(model, self.lora, "model.init_args.lora", task_type)
         return model
 
-    def load_frozen_reference(self, name_or_path: str) -> None:
+    def load_frozen_reference(self, name_or_path: str, policy: PreTrainedModel | None = None) -> None:
         """Load the frozen causal LM that :attr:`reference` returns (DPO's reference, the reward
-        stage's likelihood teacher). It is kept in a list, so it stays out of the state dict, the
-        optimiser and ``.to()``."""
-        self._reference = [load_causal_lm(name_or_path, self.tokenizer).eval().requires_grad_(False)]
+        stage's likelihood teacher; :func:`~rlhf_lightning.models.load_reference`, ``policy``: the
+        model as loaded from ``model_name_or_path``, before :meth:`prepare_model`). It is kept in a
+        list, so it stays out of the state dict, the optimiser and ``.to()``."""
+        self._reference = [load_reference(name_or_path, self.tokenizer, self.hparams.model_name_or_path, policy)]
 
     @property
     def reference(self) -> PreTrainedModel:

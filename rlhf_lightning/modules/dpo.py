@@ -87,8 +87,9 @@ class DPOModule(HFModelModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.model = self.prepare_model(load_causal_lm(hp.model_name_or_path, self.tokenizer))
-        self.load_frozen_reference(hp.reference_name_or_path or hp.model_name_or_path)
+        model = load_causal_lm(hp.model_name_or_path, self.tokenizer)
+        self.load_frozen_reference(hp.reference_name_or_path or hp.model_name_or_path, model)
+        self.model = self.prepare_model(model)
 
     def response_logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``log pi(response | prompt)`` ``(2b,)`` of every row under ``model``
