@@ -65,7 +65,8 @@ ScoreFn = Callable[[Responses], Tensor]
 def ppo_iteration(args: Args, policy, reference, critic, score_fn: ScoreFn, tokenizer, prompt_ids: Tensor,
                   prompt_mask: Tensor, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Tensor]:
     """One PPO iteration on left-padded prompts ``(b, p)``; returns the rollout's tensors."""
-    # 1. Sample one response per prompt, cut after its first EOS (the global RNG draws the tokens).
+    # 1. Sample one response per prompt, cut after its first stop token: EOS, or a chat model's end of turn
+    #    (the global RNG draws the tokens).
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     responses = sample(policy, tokenizer, settings, prompt_ids, prompt_mask)
     input_ids, attention_mask = responses.input_ids, responses.attention_mask  # prompt + response: (b, p + r)
@@ -81,8 +82,8 @@ def ppo_iteration(args: Args, policy, reference, critic, score_fn: ScoreFn, toke
         # 3. One score per response (a reward model, or any rule on the texts).
         scores = score_fn(responses).to(logprobs.device, torch.float32)
 
-    # 4. A response that never emitted EOS gets the penalty as its score ("replace") or loses it ("subtract").
-    contains_eos = pm.has_eos(responses.response_ids, tokenizer.eos_token_id)
+    # 4. A response that never emitted a stop token gets the penalty as its score ("replace") or loses it ("subtract").
+    contains_eos = pm.has_eos(responses.response_ids, responses.stop_ids)
     scores = pm.apply_missing_eos_penalty(scores, contains_eos, args.missing_eos_penalty, args.missing_eos_mode)
     # 5. Per-token reward: r_t = -beta * (log pi_old - log pi_ref), plus the score on the last real token.
     rewards, kl, _ = pm.shape_rewards(scores, logprobs, ref_logprobs, mask, args.kl_coef)

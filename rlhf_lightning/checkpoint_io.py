@@ -7,7 +7,10 @@ next to its destination, syncs it to disk and renames it into place (an atomic s
 so a resumed run always finds the previous complete checkpoint.
 
 A checkpoint also holds only the weights that train: frozen ones are loaded again from their
-folders on resume (:func:`drop_frozen_weights`, :func:`restore_frozen_weights`).
+folders on resume (:func:`drop_frozen_weights`, :func:`restore_frozen_weights`), except under
+``ModelParallelStrategy`` (FSDP2), whose checkpoints must hold every weight
+(:func:`keeps_frozen_weights`). By default that strategy writes a distributed checkpoint folder
+itself, not through this writer, and not atomically.
 
 :class:`IterationCheckpoint` checkpoints PPO every N iterations.
 """
@@ -26,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import UserInputError, check_minimum
+from .sharding import uses_fsdp2
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -69,10 +73,22 @@ def _frozen_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]
     }
 
 
+def keeps_frozen_weights(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s checkpoints must keep its frozen weights: under Lightning's
+    ``ModelParallelStrategy`` (FSDP2), which loads every weight of the module from the checkpoint
+    itself, before any hook runs (``torch.distributed.checkpoint.load``, or strict loading of a
+    full checkpoint), and fails on a weight the checkpoint lacks."""
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and uses_fsdp2(trainer.strategy)
+
+
 def drop_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
     """Leave the frozen parameters (a LoRA base model, PPO's reference and reward model) out of
     ``checkpoint["state_dict"]``: ``configure_model`` loads them again from their folders, so a
-    checkpoint holds only what is trained. Call from ``on_save_checkpoint``."""
+    checkpoint holds only what is trained (all of them are kept where :func:`keeps_frozen_weights`).
+    Call from ``on_save_checkpoint``."""
+    if keeps_frozen_weights(module):
+        return
     frozen = _frozen_parameters(module)
     checkpoint["state_dict"] = {name: value for name, value in checkpoint["state_dict"].items() if name not in frozen}
 
@@ -81,6 +97,8 @@ def restore_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) 
     """Fill in the frozen parameters that :func:`drop_frozen_weights` left out with the ones
     ``configure_model`` loaded, so that strict loading still checks every trained weight. Call
     from ``on_load_checkpoint``."""
+    if keeps_frozen_weights(module):  # the strategy loaded them already
+        return
     for name, value in _frozen_parameters(module).items():
         checkpoint["state_dict"].setdefault(name, value.detach())
 

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional import spearman_corrcoef
 
 from . import rlhf_math as pm
-from .data.encoding import attention_mask_for, encode_preference, encode_prompt, pad
+from .data.encoding import attention_mask_for, encode_preference, pad, prompt_record_ids
 from .forwards import response_logprobs, score_sequences
 from .generation import GenerationSettings, Responses, sample
 from .models import load_causal_lm, load_sequence_scorer, load_tokenizer
@@ -141,14 +141,15 @@ class ComparisonMetrics(torch.nn.Module):
         for name in ("reward_gold_spearman", "ref_reward_gold_spearman"):
             self.metrics[name] = spearman_metric()
 
-    def update(self, batch: BatchComparison, eos_token_id: int) -> None:
-        """One batch of :func:`compare_batch` (with a reward source)."""
+    def update(self, batch: BatchComparison) -> None:
+        """One batch of :func:`compare_batch` (with a reward source). A response counts towards
+        ``eos_rate`` when it ended with one of the policy's stop ids (EOS, a chat model's end of turn)."""
         m, scores, ref_scores, judged, policy = self.metrics, batch.scores, batch.baseline_scores, batch.judged, batch.policy
         m["score"].update(scores)
         m["ref_score"].update(ref_scores)
         m["kl"].update(batch.kl)
         m["response_length"].update(policy.response_mask.sum(1).float())
-        m["eos_rate"].update(pm.has_eos(policy.response_ids, eos_token_id).float())
+        m["eos_rate"].update(pm.has_eos(policy.response_ids, policy.stop_ids).float())
         if judged is not None:
             for name, key in self.JUDGED.items():
                 if key in judged:
@@ -167,15 +168,16 @@ class ComparisonMetrics(torch.nn.Module):
 def compare_policies(
     policy_dir: str,
     baseline_dir: str,
-    prompts: list[str],
+    prompts: list[Record],
     reward_model_dir: str | None = None,
     generation: GenerationSettings | None = None,
     judge: JudgeFn | None = None,
     seed: int = 0,
     batch_size: int = 50,
 ) -> tuple[PolicyComparison, list[dict[str, Any]]]:
-    """Sample both policies on ``prompts`` and compare them (with ``judge``, also by the judge);
-    also returns per-prompt samples."""
+    """Sample both policies on ``prompts`` (prompt records: a ``prompt`` string, or chat messages
+    rendered with the chat template) and compare them (with ``judge``, also by the judge); also
+    returns per-prompt samples."""
     tokenizer = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir, tokenizer).eval()
     baseline = load_causal_lm(baseline_dir, tokenizer).eval()
@@ -187,7 +189,7 @@ def compare_policies(
     rows: list[dict[str, Any]] = []
     kls: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        ids = [prompt_record_ids(record, tokenizer) for record in prompts[start : start + batch_size]]
         prompt_ids, prompt_mask = pad(ids, tokenizer.pad_token_id, "left"), attention_mask_for(ids, "left")
         comparison = compare_batch(policy, baseline, tokenizer, generation, prompt_ids, prompt_mask, seed + start, scorer, judge)
         rows += comparison.rows()

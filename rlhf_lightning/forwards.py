@@ -21,11 +21,13 @@ evaluation, the reward stage, DPO and the critic all call these functions.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from .lora import backbone
+from .lora import backbone, transformers_model
 from .rlhf_math import last_token_index, logprobs_from_logits
 
 #: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
@@ -42,10 +44,24 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def causal_lm_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits ``(b, s, v)`` with position ids built from the mask (left padding is safe)."""
+def causal_lm_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, last: int = 0) -> Tensor:
+    """Logits ``(b, s, v)`` with position ids built from the mask (left padding is safe).
+
+    With ``last > 0``, the logits of the last ``last`` positions only, ``(b, last, v)``: a model
+    whose forward takes transformers' ``logits_to_keep`` (GPT-2, Llama, Qwen2, ..., also under a
+    peft wrapper) applies its output head to those positions alone, which saves the
+    ``(b, s, v)`` tensor; any other model's full logits are sliced.
+    """
     position_ids = position_ids_from_mask(attention_mask)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    keep = {"logits_to_keep": last} if last > 0 and takes_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   **keep).logits
+    return logits[:, -last:] if last > 0 else logits
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the ``transformers`` model under ``model`` takes ``logits_to_keep`` in its forward."""
+    return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters
 
 
 def response_logprobs(
@@ -54,10 +70,9 @@ def response_logprobs(
     """Log-probs ``(b, r)`` of the last ``response_length`` tokens, and the logits that gave them.
 
     The logits at position ``i`` predict token ``i + 1``, so the response's predictions are
-    the ``r`` positions before the last one.
+    the ``r`` positions before the last one: only the last ``r + 1`` positions get logits.
     """
-    logits = causal_lm_logits(model, input_ids, attention_mask)
-    response_logits = logits[:, -response_length - 1 : -1]
+    response_logits = causal_lm_logits(model, input_ids, attention_mask, last=response_length + 1)[:, :-1]
     return logprobs_from_logits(response_logits, input_ids[:, -response_length:], temperature), response_logits
 
 

@@ -2,11 +2,13 @@
 
 Used by SFT samples, the PPO rollout and the labelling tool, so that they all sample the same
 way: left-padded prompts, explicit sampling settings (the model's own ``generation_config``
-defaults, such as ``top_k=50``, never leak in), and responses cut after the first EOS.
+defaults, such as ``top_k=50``, never leak in), and responses cut after the first stop token
+(EOS, or a chat model's end-of-turn token: :func:`~rlhf_lightning.stop_tokens.stop_token_ids`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
@@ -17,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .data.encoding import attention_mask_for, encode_prompt, pad
 from .rlhf_math import first_eos_mask
+from .stop_tokens import stop_token_ids
 from .terminal import ATTENTION_MASK_ADVICE, held_log_records
 
 
@@ -26,11 +29,12 @@ class GenerationSettings:
 
     Args:
         max_new_tokens: the longest response in tokens (>= 1); a response that reaches it
-            without EOS is "missing EOS".
+            without a stop token (EOS, a chat model's end of turn) is "missing EOS".
         min_new_tokens: EOS is forbidden before this many tokens (>= 0).
         temperature: logits are divided by it before sampling and before every log-prob (> 0).
         top_k: sample among the k most likely tokens only (0: all). PPO's log-probs are those of
-            the full distribution, so anything but 0 makes them differ from the sampler's.
+            the full distribution, so anything but 0 makes them differ from the sampler's (the
+            PPO module warns when it is built with such settings).
         top_p: nucleus sampling mass (1.0: all); the same caveat as ``top_k``.
     """
 
@@ -46,9 +50,10 @@ class Responses:
     """Sampled responses: token ids with masks, and the decoded texts (what a reward source sees).
 
     ``prompt_ids``/``prompt_mask`` ``(b, p)`` are left-padded; ``response_ids``/``response_mask``
-    ``(b, r)`` hold the response up to and including its first EOS. ``prompts`` and
-    ``completions`` (the texts, without special tokens or padding) are decoded on first use,
-    so a reward that reads only ids never pays for decoding.
+    ``(b, r)`` hold the response up to and including its first stop token, one of ``stop_ids``
+    (those of the model that sampled it). ``prompts`` and ``completions`` (the texts, without
+    special tokens or padding) are decoded on first use, so a reward that reads only ids never
+    pays for decoding.
     """
 
     prompt_ids: Tensor
@@ -56,6 +61,7 @@ class Responses:
     response_ids: Tensor
     response_mask: Tensor
     tokenizer: PreTrainedTokenizerBase
+    stop_ids: list[int]
 
     @cached_property
     def prompts(self) -> list[str]:
@@ -84,9 +90,11 @@ def sampling_config(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    stop_ids: Sequence[int] | None = None,
 ) -> GenerationConfig:
     """A complete :class:`GenerationConfig`: ``top_k=0`` and ``top_p=1.0`` sample the full
-    distribution at ``temperature``, which PPO needs for its log-probs to match."""
+    distribution at ``temperature``, which PPO needs for its log-probs to match. Generation
+    stops at any of ``stop_ids`` (default: the tokenizer's own, ``stop_token_ids(None, tokenizer)``)."""
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     return GenerationConfig(
@@ -96,7 +104,7 @@ def sampling_config(
         temperature=temperature if do_sample else None,
         top_k=top_k if do_sample else None,
         top_p=top_p if do_sample else None,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(stop_token_ids(None, tokenizer) if stop_ids is None else stop_ids),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         # A diverged model's NaN/inf logits would crash sampling; replaced, they give a rollout
@@ -115,7 +123,7 @@ def generate_responses(
 ) -> torch.Tensor:
     """Response ids ``(b, r)`` for left-padded ``prompt_ids`` ``(b, p)``.
 
-    After a row's first EOS the remaining positions hold the pad token. ``r`` is at most
+    After a row's first stop token the remaining positions hold the pad token. ``r`` is at most
     ``config.max_new_tokens`` (shorter when every row stopped early).
     """
     # transformers drops an all-ones mask (prompts of one length) before decoding, then advises
@@ -138,12 +146,15 @@ def sample(
     synced_gpus: bool = False,
 ) -> Responses:
     """Sample one response per left-padded prompt with ``settings``, in eval mode (the model's
-    mode is restored). Tokens after a response's first EOS become padding and are masked out.
+    mode is restored). Generation stops at the model's stop ids
+    (:func:`~rlhf_lightning.stop_tokens.stop_token_ids`); tokens after a response's first stop
+    token become padding and are masked out.
 
     With ``seed`` the sampling is reproducible and the global RNG is left as it was, so that
     evaluating never changes what training samples next; without it the global RNG is used.
     """
-    config = sampling_config(tokenizer, **asdict(settings))
+    stop_ids = stop_token_ids(model, tokenizer)
+    config = sampling_config(tokenizer, **asdict(settings), stop_ids=stop_ids)
     kwargs = {"synced_gpus": True} if synced_gpus else {}
     was_training = model.training
     model.eval()
@@ -155,9 +166,9 @@ def sample(
             response_ids = generate_responses(model, prompt_ids, prompt_mask, config, **kwargs)
     finally:
         model.train(was_training)
-    response_mask = first_eos_mask(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response_mask = first_eos_mask(response_ids, stop_ids, tokenizer.pad_token_id)
     response_ids = response_ids.masked_fill(~response_mask, tokenizer.pad_token_id)
-    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+    return Responses(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer, stop_ids)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:

@@ -80,11 +80,16 @@ def is_adapter_model(model: torch.nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model itself, under a peft wrapper or an :class:`AdapterDisabled`."""
+    if isinstance(model, AdapterDisabled):
+        model = model._model[0]
+    return model.get_base_model() if is_adapter_model(model) else model
+
+
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer under a model's head (``model.base_model``), also through a peft wrapper."""
-    if is_adapter_model(model):
-        model = model.get_base_model()
-    return model.base_model
+    return transformers_model(model).base_model
 
 
 def merged_model(model: Any) -> PreTrainedModel:
@@ -111,3 +116,8 @@ class AdapterDisabled(torch.nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         with self._model[0].disable_adapter():
             return self._model[0].generate(*args, **kwargs)
+
+    @property
+    def generation_config(self) -> Any:
+        """The base model's: it stops on the same ids as the policy."""
+        return self._model[0].generation_config

@@ -7,6 +7,8 @@ One place for the rules that every RLHF stage depends on:
   download, so that the demo runs on a machine without hub access;
 * every tokenizer gets a pad token that is *not* EOS where the tokenizer allows it (with pad
   == EOS, masking padding also masks EOS and the policy never learns to stop);
+* a model's generation config lists every id that ends a response
+  (:func:`~rlhf_lightning.stop_tokens.stop_token_ids`: EOS, a chat model's end-of-turn token);
 * dropout is switched off (the standard for RLHF: log-probs recomputed during PPO must equal
   the ones seen at rollout time);
 * Hugging Face folders are written atomically: to a temporary name, renamed when complete,
@@ -36,6 +38,7 @@ from transformers import (
 )
 
 from .errors import UserInputError
+from .stop_tokens import stop_token_ids
 from .terminal import NEW_WEIGHTS_REPORTS, held_log_records, release, transformers_progress_bars_hidden
 
 PRESET_PREFIX = "preset:"
@@ -183,6 +186,15 @@ def zero_dropout_modules(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute ``model``'s activations in the backward instead of keeping them (non-reentrant
+    ``torch.utils.checkpoint``, which transformers applies in training mode only), and turn off
+    the KV cache of its own forwards (``config.use_cache``). ``generate`` keeps its cache: the
+    :class:`~transformers.GenerationConfig` it is given decides. Also through a peft wrapper."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def _resize_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -190,7 +202,9 @@ def _resize_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        # every id that ends a response, so that an export's plain generate() stops where ours does
+        stop_ids = stop_token_ids(model, tokenizer)
+        model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
 
 
 def preset_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:

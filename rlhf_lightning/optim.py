@@ -42,11 +42,13 @@ def warmup_schedule(
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """The L2 norm of all gradients the optimiser would apply; 0 under a strategy that keeps
-    gradients off the parameters (DeepSpeed), where no step is skipped."""
+    gradients off the parameters (DeepSpeed), where no step is skipped. FSDP2's sharded (DTensor)
+    gradients give the norm over every rank's shard, as a plain tensor (a collective then)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
 
 
 def loss_scaled(module: LightningModule) -> bool:
@@ -57,8 +59,9 @@ def loss_scaled(module: LightningModule) -> bool:
 
 def clipped_step(module: LightningModule, max_grad_norm: float) -> torch.Tensor:
     """One optimiser step under manual optimisation, after the backward passes: clip the
-    gradient norm to ``max_grad_norm``, step the optimiser and the schedule, and return the
-    norm (after clipping).
+    gradient norm to ``max_grad_norm`` (Lightning's ``clip_gradients``), step the optimiser and
+    the schedule, and return the norm measured before clipping (so it exceeds ``max_grad_norm``
+    whenever clipping happened).
 
     A non-finite norm (a NaN loss gives NaN gradients, and DDP's all-reduce hands them to every
     rank, so all ranks decide alike) drops the gradients: the step is then empty. It changes no
@@ -66,9 +69,10 @@ def clipped_step(module: LightningModule, max_grad_norm: float) -> torch.Tensor:
     checkpoints keep their cadence. Under fp16 the loss scaler skips it instead.
     """
     optimizer, scheduler = module.optimizers(), module.lr_schedulers()
-    module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
     grad_norm = gradient_norm(optimizer)
-    if not torch.isfinite(grad_norm) and not loss_scaled(module):
+    if torch.isfinite(grad_norm) or loss_scaled(module):
+        module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+    else:
         optimizer.zero_grad(set_to_none=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

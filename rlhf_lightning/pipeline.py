@@ -47,8 +47,9 @@ class PipelineConfig:
             ``generation`` when that file exists, so that DPO and PPO policies are compared alike.
         redo: stages to run again even when their output folder is complete (``tokenizer``
             too, which reruns every stage).
-        eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` JSONL
-            file, or null for the validation prompts of the PPO config's data module.
+        eval_prompts: held-out prompts for the final comparison: a ``{"prompt"}`` or chat
+            ``{"messages"}`` JSONL file, or null for the validation prompts of the PPO config's
+            data module.
         judge: import path of a gold judge ``(prompts, completions) -> scores`` (e.g.
             ``rlhf_lightning.tasks.sentiment.judge``, or your own), or null for none. It judges
             the final comparison (win rate, gold score, validity, Spearman with the reward
@@ -258,8 +259,9 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     # when that file exists, else on its own pairs' prompts with default sampling
     has_ppo = stage == "ppo" or Path(config.ppo).is_file()
     prompts_from = config.ppo if has_ppo else config.dpo
-    records = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(prompts_from)[1]
-    prompts = list(dict.fromkeys(r["prompt"] for r in records)) if prompts_from == config.dpo else [r["prompt"] for r in records]
+    prompts = read_prompts(config.eval_prompts) if config.eval_prompts else datamodule_records(prompts_from)[1]
+    if prompts_from == config.dpo:  # preference pairs repeat their prompts: each once
+        prompts = list({json.dumps(r.get("messages", r.get("prompt"))): r for r in prompts}.values())
     if not prompts:
         raise UserInputError(f"{prompts_from}: no validation prompts for the final comparison; hint: set eval_prompts")
     sampling = stage_init_args(config.ppo).get("generation") if has_ppo else None

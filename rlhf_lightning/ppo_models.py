@@ -10,20 +10,36 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lora import AdapterDisabled, LoRASettings, add_adapter
-from .models import load_causal_lm, load_reference, load_reward_model, load_sequence_scorer, load_tokenizer
-from .reward_sources import CallableScorer, RewardModelScorer, TextRewardFn, same_tokenizer
+from .models import (
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_reference,
+    load_reward_model,
+    load_sequence_scorer,
+    load_tokenizer,
+)
+from .ppo_settings import reward_folders
+from .reward_sources import CallableScorer, EnsembleScorer, RewardModelScorer, TextRewardFn
 
 
 @dataclass
 class PPOModels:
     """The models of a PPO run: the trained policy (and critic), the frozen reference and the
-    reward source (a frozen reward model's scorer, or a callable's)."""
+    reward source (a frozen reward model's scorer, an ensemble's, or a callable's).
+    ``reward_models`` are the frozen reward models: one, an ensemble's members, or none."""
 
     policy: PreTrainedModel
     reference: torch.nn.Module
     critic: PreTrainedModel | None
-    reward_model: PreTrainedModel | None
+    reward_models: list[PreTrainedModel]
     reward_scorer: Any
+
+
+def load_reward_scorer(folder: str, policy_tokenizer: PreTrainedTokenizerBase, batch_size: int = 64) -> RewardModelScorer:
+    """The scorer of the reward model in ``folder``, frozen (eval mode, no gradients)."""
+    reward_tokenizer = load_tokenizer(folder)
+    model = load_reward_model(folder, reward_tokenizer).eval().requires_grad_(False)
+    return RewardModelScorer(model, reward_tokenizer, policy_tokenizer, batch_size)
 
 
 def load_ppo_models(
@@ -32,21 +48,26 @@ def load_ppo_models(
     *,
     reference: str | None = None,
     lora: LoRASettings | None = None,
-    reward_model: str | None = None,
+    reward_model: str | list[str] | None = None,
     reward_fn: TextRewardFn | None = None,
     critic: str | None = None,
     with_critic: bool = True,
     reward_batch_size: int = 64,
+    ensemble_penalty: float = 0.0,
+    gradient_checkpointing: bool = False,
 ) -> PPOModels:
     """Load what PPO trains against.
 
     The reference is ``reference`` (default: ``policy``), frozen (:func:`~rlhf_lightning.models.load_reference`); with ``lora``
     (:class:`~rlhf_lightning.lora.LoRASettings`) the policy trains an adapter and the reference is
     its own base model with the adapter disabled (one copy of the base weights). The reward comes
-    from the ``reward_model`` folder (frozen) or the ``reward_fn`` callable (neither: no scorer, for
-    a subclass that computes scores itself). The critic (only ``with_critic``) starts from
-    ``critic``, else the reward model when it shares the policy's tokenizer, else the policy with
-    a new scalar head.
+    from the ``reward_model`` folder (frozen), a list of folders (an :class:`~rlhf_lightning.
+    reward_sources.EnsembleScorer` of frozen members with ``ensemble_penalty``), or the
+    ``reward_fn`` callable (none of them: no scorer, for a subclass that computes scores itself).
+    The critic (only ``with_critic``) starts from ``critic``, else the (first) reward model when it
+    shares the policy's tokenizer, else the policy with a new scalar head. With
+    ``gradient_checkpointing`` the models that train (policy, critic) recompute their activations
+    in the backward (:func:`~rlhf_lightning.models.enable_gradient_checkpointing`).
     """
     policy_model = load_causal_lm(policy, tokenizer)
     if lora is not None:
@@ -54,14 +75,20 @@ def load_ppo_models(
         reference_model: torch.nn.Module = AdapterDisabled(policy_model)
     else:
         reference_model = load_reference(reference or policy, tokenizer, policy, policy_model)
-    scorer, scorer_model, critic_source = None, None, critic
-    if reward_model is not None:
-        reward_tokenizer = load_tokenizer(reward_model)
-        scorer_model = load_reward_model(reward_model, reward_tokenizer).eval().requires_grad_(False)
-        scorer = RewardModelScorer(scorer_model, reward_tokenizer, tokenizer, reward_batch_size)
-        if critic_source is None and same_tokenizer(reward_tokenizer, tokenizer):
-            critic_source = reward_model
+    folders = reward_folders(reward_model)
+    members = [load_reward_scorer(folder, tokenizer, reward_batch_size) for folder in folders]
+    scorer: Any = None
+    if len(members) > 1:
+        scorer = EnsembleScorer(members, ensemble_penalty)
+    elif members:
+        scorer = members[0]
     elif reward_fn is not None:
         scorer = CallableScorer(reward_fn)
+    critic_source = critic
+    if critic_source is None and members and members[0].shares_tokens:
+        critic_source = folders[0]
     critic_model = load_sequence_scorer(critic_source or policy, tokenizer, role="critic").train() if with_critic else None
-    return PPOModels(policy_model.train(), reference_model, critic_model, scorer_model, scorer)
+    if gradient_checkpointing:
+        for model in filter(None, (policy_model, critic_model)):
+            enable_gradient_checkpointing(model)
+    return PPOModels(policy_model.train(), reference_model, critic_model, [m.model for m in members], scorer)

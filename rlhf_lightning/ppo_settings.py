@@ -7,6 +7,7 @@ built, before any model loads.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,8 @@ class PPOSettings:
         cliprange_value: how far a new value may move from the rollout's value (>= 0).
         vf_coef: weight of the value loss in the total loss.
         entropy_coef: weight of the entropy bonus (0: the entropy is only logged).
-        max_grad_norm: the gradient norm is clipped to this before each optimiser step.
+        max_grad_norm: the gradient norm is clipped to this before each optimiser step
+            (``health/grad_norm`` logs the norm before clipping).
         gamma: discount of future rewards (1.0: none, as in RLHF practice).
         lam: GAE's lambda (bias-variance trade-off of the advantages).
     """
@@ -100,12 +102,25 @@ class ScoreSettings:
         clip: clip scores to ``[-clip, clip]`` (null: no clipping).
         baseline: ``none``, or ``leave_one_out``: each score minus the mean of the other
             responses to its prompt (needs ``ppo.samples_per_prompt >= 2``).
+        ensemble_penalty: ``k`` of a reward-model ensemble (``reward_model`` a list of folders):
+            a response scores the members' mean minus ``k`` times their standard deviation
+            (population std, ``correction=0``; ``rlhf_math.ensemble_score``, after Coste et al.
+            2023 and Eisenstein et al. 2023). 0: the plain mean; > 0 needs two folders or more.
     """
 
     missing_eos_penalty: float | None = None
     missing_eos_mode: str = "replace"
     clip: float | None = None
     baseline: str = "none"
+    ensemble_penalty: float = 0.0
+
+
+def reward_folders(reward_model: str | list[str] | None) -> list[str]:
+    """The reward-model folders of PPO's ``reward_model`` setting: none, one folder, or an
+    ensemble's members (a list)."""
+    if reward_model is None:
+        return []
+    return [reward_model] if isinstance(reward_model, str) else list(reward_model)
 
 
 def check_ppo_settings(
@@ -117,6 +132,7 @@ def check_ppo_settings(
     *,
     policy: str,
     reference: str | None,
+    reward_model: str | list[str] | None,
     max_iterations: int | None,
     forward_batch_size: int,
     reward_batch_size: int,
@@ -134,10 +150,18 @@ def check_ppo_settings(
     for name, value in (
         ("generation.min_new_tokens", generation.min_new_tokens), ("generation.top_k", generation.top_k),
         ("ppo.cliprange", ppo.cliprange), ("ppo.cliprange_value", ppo.cliprange_value), ("kl.coef", kl.coef),
+        ("scores.ensemble_penalty", scores.ensemble_penalty),
     ):
         check_minimum(f"{key}.{name}", value, 0)
     check_minimum(f"{key}.generation.temperature", generation.temperature, 0, inclusive=False)
     check_minimum(f"{key}.generation.top_p", generation.top_p, 0, inclusive=False)
+    if generation.top_k > 0 or generation.top_p < 1.0:
+        warnings.warn(
+            f"{key}.generation.top_k={generation.top_k}, top_p={generation.top_p}: responses are sampled from a "
+            "truncated distribution, but PPO's log-probs, ratio and KL are those of the full softmax, so the "
+            "update treats the samples as drawn from a distribution they were not; hint: keep top_k 0 and top_p 1.0",
+            stacklevel=2,
+        )
     for name, value, allowed in (
         ("kl.estimator", kl.estimator, pm.KL_ESTIMATORS), ("scores.baseline", scores.baseline, SCORE_BASELINES),
         ("ppo.advantage_estimator", ppo.advantage_estimator, ADVANTAGE_ESTIMATORS),
@@ -158,20 +182,31 @@ def check_ppo_settings(
     if estimator in ("grpo", "dr_grpo") and not kl.in_loss and kl.coef != 0:
         raise UserInputError(f"{key}.ppo.advantage_estimator {estimator} reads only the scores, so a KL penalty in the "
                              "reward would be ignored: set kl.in_loss true (GRPO's k3 term) or kl.coef 0")
+    members = reward_folders(reward_model)
+    if reward_model is not None and not members:
+        raise UserInputError(f"{key}.reward_model: give a reward-model folder or a list of them, got an empty list")
+    if scores.ensemble_penalty > 0 and len(members) < 2:
+        raise UserInputError(f"{key}.scores.ensemble_penalty {scores.ensemble_penalty} weighs the disagreement of a "
+                             f"reward-model ensemble: give reward_model a list of two folders or more (got "
+                             f"{len(members)}), or set scores.ensemble_penalty 0")
     if lora is not None and lora.dropout != 0:
         raise UserInputError(f"{key}.lora.dropout must be 0 for PPO (recomputed log-probs must equal the rollout's), got {lora.dropout}")
     if lora is not None and reference not in (None, policy):
         raise UserInputError(f"{key}.reference: with lora the reference is the policy's base model; leave reference unset")
 
 
-def check_strategy(strategy: Any) -> None:
-    """Refuse a Trainer strategy PPO does not support yet (FSDP1, FSDP2)."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+#: ``trainer.precision`` values that keep the trained weights themselves in 16 bits (no float32 copy).
+HALF_WEIGHT_PRECISIONS = ("bf16-true", "16-true")
 
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-        raise UserInputError(f"PPOModule does not support {type(strategy).__name__} yet: generation inside training_step "
-                             "breaks under FSDP1, and FSDP2 sharding is not applied by the package yet; use strategy=ddp or "
-                             "deepspeed (see docs/scaling.md)")
+
+def check_precision(precision: str) -> None:
+    """Refuse a ``trainer.precision`` that stores the trained weights in 16 bits, with a one-line
+    error naming ``trainer.precision``: AdamW then updates 16-bit weights in place, and steps below
+    half a weight's resolution round away (see docs/scaling.md#precision)."""
+    if precision in HALF_WEIGHT_PRECISIONS:
+        raise UserInputError(f"trainer.precision: {precision} keeps the trained weights in 16 bits, where most of PPO's small "
+                             "AdamW steps round away; use bf16-mixed (16-bit compute, float32 weights) or 32-true "
+                             "(see docs/scaling.md)")
 
 
 def loss_reduction(ppo: PPOSettings) -> str:

@@ -3,7 +3,8 @@
 Formats (one JSON object per line, UTF-8):
 
 * SFT: ``{"prompt", "completion"}``, ``{"text"}`` or ``{"messages": [{"role", "content"}, ...]}``
-* preferences: ``{"prompt", "chosen", "rejected"}`` with an optional numeric ``"margin"``
+* preferences: ``{"prompt", "chosen", "rejected"}`` with an optional numeric ``"margin"``; the
+  prompt is a string or a list of chat messages (rendered with the chat template)
 * prompts: ``{"prompt": str}`` or ``{"messages": [...]}`` (rendered with the chat template)
 
 Extra fields are kept and ignored. A record is checked when it is read, so a bad line fails
@@ -201,7 +202,10 @@ def check_preference(record: Record, path: str, line: int) -> Record:
             f"(found fields: {', '.join(sorted(record)) or 'none'})",
             hint=wrong_family_hint(record, "preference"),
         )
-    _string(record, "prompt", path, line, "preference", allow_empty=True)
+    if isinstance(record.get("prompt"), list):
+        _messages(record, path, line, field="prompt", user_text=True)
+    else:
+        _string(record, "prompt", path, line, "preference", allow_empty=True)
     _string(record, "chosen", path, line, "preference")
     _string(record, "rejected", path, line, "preference")
     margin = record.get("margin", 0.0)

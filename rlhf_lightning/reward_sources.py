@@ -2,6 +2,8 @@
 
 * :class:`RewardModelScorer`: a Hugging Face reward-model folder. When its tokenizer differs
   from the policy's, responses are decoded and re-tokenized for it.
+* :class:`EnsembleScorer`: several reward models (each a :class:`RewardModelScorer`), their
+  mean score minus a multiple of their disagreement.
 * :class:`CallableScorer`: any Python function ``(prompts, completions) -> scores`` on texts,
   such as the built-in task's gold annotator or a rule.
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import rlhf_math as pm
 from .data.encoding import attention_mask_for, encode_prompt, encode_text, pad
 from .forwards import score_sequences
 from .generation import Responses
@@ -49,7 +52,9 @@ class RewardModelScorer:
 
     def encode(self, responses: Responses) -> tuple[Tensor, Tensor]:
         """Ids and mask in the reward model's vocabulary: the policy's own ids when the
-        tokenizers agree, else prompt + completion text re-tokenized (with EOS, as in training)."""
+        tokenizers agree (a chat policy's rendering, its response ending with the end-of-turn
+        token), else prompt + completion text re-tokenized with EOS, as a plain-text pair is in
+        training (the decoded texts have lost any chat template's special tokens)."""
         if self.shares_tokens:
             return responses.input_ids, responses.attention_mask
         sequences = [
@@ -62,6 +67,30 @@ class RewardModelScorer:
     def __call__(self, responses: Responses) -> Tensor:
         ids, mask = self.encode(responses)
         return score_sequences(self.model, ids, mask, batch_size=self.batch_size)
+
+
+class EnsembleScorer:
+    """Scores responses with a reward-model ensemble: ``mean - penalty * std`` of the members'
+    scores (:func:`~rlhf_lightning.rlhf_math.ensemble_score`), each member a
+    :class:`RewardModelScorer` (its own tokenizer and ``reward_offset``).
+
+    ``last_spread`` ``(b,)`` holds the members' std per response of the last call, which
+    :meth:`statistics` reports.
+    """
+
+    def __init__(self, members: Sequence[RewardModelScorer], penalty: float = 0.0) -> None:
+        self.members, self.penalty = list(members), penalty
+        self.last_spread: Tensor | None = None
+
+    def __call__(self, responses: Responses) -> Tensor:
+        member_scores = torch.stack([member(responses) for member in self.members])
+        self.last_spread = pm.ensemble_spread(member_scores)
+        return pm.ensemble_score(member_scores, self.penalty)
+
+    def statistics(self) -> dict[str, Tensor]:
+        """``objective/scores_spread``: the members' std, averaged over the last call's responses
+        (none before the first call)."""
+        return {} if self.last_spread is None else {"objective/scores_spread": self.last_spread.mean()}
 
 
 class CallableScorer:

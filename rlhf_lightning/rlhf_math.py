@@ -23,11 +23,15 @@ References:
   [rDPO] Chowdhury et al. 2024, "Provably Robust DPO" (unbiased under label noise).
   [IPO] Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
         Preferences" (eq. 17).
+  [C23] Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"
+        (uncertainty-weighted optimisation: mean - k * spread of the members).
+  [E23] Eisenstein et al. 2023, "Helping or Herding? Reward Model Ensembles Mitigate but do
+        not Eliminate Reward Hacking".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,23 +187,33 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
 
 
 # ------------------------------------------------------------------------------- sequences
-def first_eos_mask(response_tokens: Tensor, eos_token_id: int,
-                   pad_token_id: int | None = None) -> Tensor:
-    """(b, t) bool: True up to and including the first EOS, False after it.
+StopIds = int | Sequence[int] | Tensor
 
-    With ``pad_token_id`` (if it differs from EOS) a response also ends just before its first
-    pad token. The result is always a prefix mask.
+
+def _is_stop(tokens: Tensor, stop_ids: StopIds) -> Tensor:
+    """Where ``tokens`` hold any of ``stop_ids`` (same shape, bool)."""
+    return torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device).reshape(-1))
+
+
+def first_eos_mask(response_tokens: Tensor, stop_ids: StopIds, pad_token_id: int | None = None) -> Tensor:
+    """(b, t) bool: True up to and including the first stop token, False after it.
+
+    ``stop_ids``: the id, or ids, that end a response (EOS, a chat model's end-of-turn token;
+    see :func:`rlhf_lightning.stop_tokens.stop_token_ids`). With ``pad_token_id`` (unless it is
+    itself a stop id) a response also ends just before its first pad token. The result is
+    always a prefix mask.
     """
-    is_eos = response_tokens == eos_token_id
-    keep = torch.cumsum(is_eos, dim=-1) - is_eos.long() == 0  # no EOS strictly before
-    if pad_token_id is not None and pad_token_id != eos_token_id:
+    is_stop = _is_stop(response_tokens, stop_ids)
+    keep = torch.cumsum(is_stop, dim=-1) - is_stop.long() == 0  # no stop token strictly before
+    if pad_token_id is not None and not _is_stop(torch.tensor(pad_token_id), stop_ids):
         keep &= torch.cumsum(response_tokens == pad_token_id, dim=-1) == 0
     return keep
 
 
-def has_eos(response_tokens: Tensor, eos_token_id: int) -> Tensor:
-    """(b,) bool: whether each (b, t) response contains ``eos_token_id``."""
-    return (response_tokens == eos_token_id).any(dim=-1)
+def has_eos(response_tokens: Tensor, stop_ids: StopIds) -> Tensor:
+    """(b,) bool: whether each (b, t) response contains any of ``stop_ids`` (it ended, rather
+    than ran out of tokens)."""
+    return _is_stop(response_tokens, stop_ids).any(dim=-1)
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -290,6 +304,36 @@ def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: flo
         return scores
     penalised = torch.full_like(scores, penalty) if mode == "replace" else scores - penalty
     return torch.where(contains_eos.bool(), scores, penalised)
+
+
+def ensemble_spread(member_scores: Tensor) -> Tensor:
+    """How much the members of a reward-model ensemble disagree on each response: the standard
+    deviation of their scores, over the members, population form (divided by ``m``, not
+    ``m - 1``; ``correction=0``), so one member gives 0.
+
+    Args:
+        member_scores: (m, b) the score of each of ``m`` members for each of ``b`` responses.
+    Returns:
+        (b,) the members' std per response.
+    """
+    return member_scores.std(dim=0, correction=0)
+
+
+def ensemble_score(member_scores: Tensor, penalty: float = 0.0) -> Tensor:
+    """A reward-model ensemble's score, penalised by its uncertainty [C23, E23]:
+    ``mean_i s_i - penalty * std_i s_i`` over the members (the std of :func:`ensemble_spread`).
+
+    A response the members disagree on scores lower, so the policy gains less from what only
+    some reward models like (over-optimisation of one model's errors); ``penalty=0`` is the
+    plain mean of the members.
+
+    Args:
+        member_scores: (m, b) the score of each of ``m`` members for each of ``b`` responses.
+        penalty: ``k`` >= 0, the weight of the spread.
+    Returns:
+        (b,) one score per response.
+    """
+    return member_scores.mean(dim=0) - penalty * ensemble_spread(member_scores)
 
 
 # ------------------------------------------------------------------ critic-free advantages

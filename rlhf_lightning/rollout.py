@@ -4,7 +4,7 @@
 :mod:`rlhf_lightning.rlhf_math`, the reward comes from any callable, and no LightningModule is
 imported here, so a rollout can be run and tested on its own::
 
-    prompts --generate--> responses (cut after the first EOS)
+    prompts --generate--> responses (cut after the first stop token: EOS, a chat model's end of turn)
             --no-grad forwards--> policy logprobs, reference logprobs, critic values
             --score_fn--> scores --shape_rewards--> per-token rewards --estimator--> advantages
 
@@ -36,7 +36,9 @@ class RolloutBatch:
     """A batch of experience; every ``(b, r)`` tensor is aligned with ``response_ids``.
 
     ``logprobs``/``values`` are the policy's and critic's at rollout time (the "old" ones of
-    the PPO ratio), ``scores`` ``(b,)`` the reward after the missing-EOS rule, ``rewards`` the
+    the PPO ratio), ``scores`` ``(b,)`` the reward after the missing-EOS rule, ``contains_eos``
+    ``(b,)`` whether each response ended with a stop token (EOS, or a chat model's end-of-turn
+    token) rather than ran out of ``max_new_tokens``, ``rewards`` the
     shaped per-token rewards, ``advantages`` those of the loop's estimator (whitened GAE by
     default). Without a critic ``values`` and ``returns`` are zeros.
     """
@@ -88,7 +90,9 @@ class RolloutLoop:
         gamma, lam: GAE discount and trace decay (``gamma`` also discounts the returns-to-go
             of ``reinforce_pp`` and ``rloo``).
         missing_eos_penalty, missing_eos_mode: what happens to the score of a response that
-            never emitted EOS (``replace`` it, or ``subtract`` the penalty; None: nothing).
+            never emitted a stop token (EOS, or any other id of the policy's
+            :func:`~rlhf_lightning.stop_tokens.stop_token_ids`, such as a chat model's
+            ``<|im_end|>``): ``replace`` it, or ``subtract`` the penalty; None: nothing.
         score_clip: clip scores to ``[-score_clip, score_clip]`` (None: no clipping).
         group_size: consecutive rows that answer the same prompt (the PPO module repeats each
             prompt ``ppo.samples_per_prompt`` times).
@@ -205,7 +209,7 @@ class RolloutLoop:
             scores = self.score_fn(responses).to(logprobs.device, torch.float32)
         if scores.shape != (len(responses.completions),):
             raise ValueError(f"a reward source must return one score per response, got shape {tuple(scores.shape)}")
-        contains_eos = pm.has_eos(response_ids, self.tokenizer.eos_token_id)
+        contains_eos = pm.has_eos(response_ids, responses.stop_ids)
         scores = pm.apply_missing_eos_penalty(scores, contains_eos, self.missing_eos_penalty, self.missing_eos_mode)
         if self.score_clip is not None:
             scores = scores.clamp(-self.score_clip, self.score_clip)
@@ -223,9 +227,10 @@ class RolloutLoop:
         )
 
 
-def rollout_statistics(rollout: RolloutBatch, eos_token_id: int, kl_coef: float, with_critic: bool) -> dict[str, Tensor]:
+def rollout_statistics(rollout: RolloutBatch, kl_coef: float, with_critic: bool) -> dict[str, Tensor]:
     """Per-iteration statistics of the experience, named as in TRL (``val/explained_variance``
-    only ``with_critic``)."""
+    only ``with_critic``). ``val/num_eos_tokens`` counts the responses that ended with a stop
+    token (each holds one at most: what followed it is padding)."""
     mask = rollout.response_mask
     kl_sum = pm.masked_sum(rollout.kl, mask, dim=1)
     non_score = pm.masked_sum(rollout.non_score_reward, mask, dim=1)
@@ -236,7 +241,7 @@ def rollout_statistics(rollout: RolloutBatch, eos_token_id: int, kl_coef: float,
         "objective/rlhf_reward": (rollout.scores + non_score).mean(),
         "objective/scores": rollout.scores.mean(),
         "objective/kl_coef": torch.tensor(kl_coef),
-        "val/num_eos_tokens": (rollout.response_ids == eos_token_id).sum().float(),
+        "val/num_eos_tokens": rollout.contains_eos.sum().float(),
         "val/response_length": mask.sum(1).float().mean(),
         "val/no_eos_rate": (~rollout.contains_eos).float().mean(),
     }

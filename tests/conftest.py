@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +72,22 @@ def bpe_gpt2_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def llama_dir(tmp_path: Path) -> Path:
     return save_tiny_llama(tmp_path / "llama", bpe_tokenizer_without_pad())
+
+
+def run_distributed_script(script: Path, *args: object, timeout: float = 300) -> str:
+    """Run ``script args...`` (one process, which launches the others itself) with the repository
+    on the import path; fail the test unless it exits 0, and kill it with SIGKILL after
+    ``timeout`` seconds (a hung distributed run ignores SIGTERM). Returns its output."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"{script.name} {' '.join(map(str, args))} hung")
+    assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def write_lines(path: Path, lines: list) -> Path:

@@ -17,7 +17,8 @@ from rlhf_lightning.guards import (
     TrainingHealthError,
 )
 from rlhf_lightning.models import is_complete_hf_folder
-from rlhf_lightning.modules import PPOModule
+from rlhf_lightning.modules import PPOModule, PPOSettings
+from rlhf_lightning.optim import gradient_norm
 from rlhf_lightning.tasks import gold_rewards
 
 from .test_ppo import fit, small_ppo
@@ -108,6 +109,25 @@ def test_default_guards_are_added_and_a_configured_one_replaces_its_default(tmp_
     assert metrics["health/explained_variance_alarm"] == 1.0
     assert metrics["health/nonfinite_steps"] == 0.0
     assert torch.isfinite(metrics["health/grad_norm"])
+
+
+def test_grad_norm_is_measured_before_clipping(tmp_path: Path, byte_gpt2_dir: Path):
+    max_grad_norm = 1e-3  # far below the tiny model's gradient norm: every step is clipped
+    norms: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
+
+    class Recording(PPOModule):
+        def clip_gradients(self, optimizer, *args, **kwargs):
+            norms["before"].append(gradient_norm(optimizer))
+            super().clip_gradients(optimizer, *args, **kwargs)
+            norms["after"].append(gradient_norm(optimizer))
+
+    module = small_ppo(byte_gpt2_dir, tmp_path, cls=Recording,
+                       ppo=PPOSettings(epochs=2, num_minibatches=2, max_grad_norm=max_grad_norm))
+    logged = fit(module, iterations=1).callback_metrics["health/grad_norm"].item()
+    assert len(norms["before"]) == 4  # clipping went through Lightning's clip_gradients at each step
+    assert logged == pytest.approx(torch.stack(norms["before"]).mean().item())
+    assert logged > 10 * max_grad_norm
+    assert max(norms["after"]) <= max_grad_norm * (1 + 1e-4)  # the step itself used clipped gradients
 
 
 def test_guards_can_be_switched_off(tmp_path: Path, byte_gpt2_dir: Path):

@@ -18,14 +18,15 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.errors import UserInputError
-from rlhf_lightning.lora import LoRASettings
-from rlhf_lightning.forwards import response_logprobs, score_sequences
+from rlhf_lightning.lora import LoRASettings, transformers_model
+from rlhf_lightning.forwards import response_logprobs, score_sequences, takes_logits_to_keep
 from rlhf_lightning.generation import sample
 from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_causal_lm, load_tokenizer
 from rlhf_lightning.modules import RewardModule, SFTModule
 
 from .conftest import save_tiny_gpt2, write_lines
-from .test_ppo import fit, small_ppo
+from .test_ppo import (assert_checkpointing_changes_nothing_but_the_recompute, fit, response_logprobs_and_head_rows,
+                       small_ppo)
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the lora extra (peft) is not installed")
 
@@ -93,6 +94,15 @@ def test_reference_is_the_base_model_with_one_copy_of_its_weights(lora_run):
 
 
 @needs_peft
+def test_policy_and_reference_compute_logits_only_at_the_response(lora_run):
+    policy, reference = lora_run.module.policy, lora_run.module.reference
+    for model in (policy, reference):  # peft passes logits_to_keep through to the transformers model
+        assert takes_logits_to_keep(model)
+        _, head_rows = response_logprobs_and_head_rows(model, transformers_model(policy).get_output_embeddings())
+        assert head_rows == [3 + 1]
+
+
+@needs_peft
 def test_merged_export_reloads_in_plain_transformers_with_the_trained_logits(lora_run, monkeypatch):
     from peft import PeftModel
 
@@ -146,6 +156,11 @@ def test_lora_dropout_is_refused_for_ppo(tmp_path: Path, byte_gpt2_dir: Path):
 
 def _changed_keys(module, before: dict[str, torch.Tensor]) -> set[str]:
     return {k for k, v in module.model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+@needs_peft
+def test_ppo_lora_with_gradient_checkpointing_gives_the_same_update(tmp_path: Path, byte_gpt2_dir: Path):
+    assert_checkpointing_changes_nothing_but_the_recompute(byte_gpt2_dir, tmp_path, lora=LORA)
 
 
 @needs_peft

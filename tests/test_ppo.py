@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_lightning import generation as generation_module
 from rlhf_lightning.checkpoint_io import IterationCheckpoint
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.errors import UserInputError
+from rlhf_lightning.forwards import causal_lm_logits, response_logprobs, takes_logits_to_keep
 from rlhf_lightning.generation import GenerationSettings
+from rlhf_lightning.lora import backbone
 from rlhf_lightning.models import (
     is_complete_hf_folder,
     load_causal_lm,
@@ -22,7 +26,7 @@ from rlhf_lightning.models import (
     save_hf_folder,
 )
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
-from rlhf_lightning.rlhf_math import leave_one_out_scores
+from rlhf_lightning.rlhf_math import leave_one_out_scores, logprobs_from_logits
 from rlhf_lightning.rollout import RolloutLoop
 from rlhf_lightning.tasks import gold_rewards
 from rlhf_lightning.tasks.sentiment import judge
@@ -120,6 +124,63 @@ def test_rollout_logprobs_match_unpadded_forward(monkeypatch, byte_gpt2_dir: Pat
     assert torch.allclose(batch.kl, torch.zeros_like(batch.kl), atol=1e-6)
 
 
+# Left-padded prompts, then right-padded responses of 3 tokens (ids below every test vocabulary's size).
+PADDED_IDS = torch.tensor([[PAD, PAD, 70, 71, 40, 41, EOS], [72, 73, 74, 75, 42, EOS, PAD]])
+PADDED_MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
+
+
+def response_logprobs_and_head_rows(
+    model: torch.nn.Module, head: torch.nn.Module, response_length: int = 3
+) -> tuple[torch.Tensor, list[int]]:
+    """``response_logprobs`` of PADDED_IDS (temperature 0.7) and the positions each call of the
+    output head ``head`` computed logits for; checks the log-probs against the full forward's."""
+    head_rows = []
+    hook = head.register_forward_hook(lambda module, args, output: head_rows.append(output.shape[1]))
+    try:
+        with torch.no_grad():
+            logprobs, logits = response_logprobs(model, PADDED_IDS, PADDED_MASK, response_length, 0.7)
+            full = causal_lm_logits(model, PADDED_IDS, PADDED_MASK)[:, -response_length - 1 : -1]
+    finally:
+        hook.remove()
+    expected = logprobs_from_logits(full, PADDED_IDS[:, -response_length:], 0.7)
+    torch.testing.assert_close(logprobs, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, full, atol=1e-6, rtol=0)
+    return logprobs, head_rows[:-1]  # the last call was the full forward
+
+
+class FullLogitsOnly(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "qwen2"])
+def test_response_logprobs_compute_logits_only_at_the_response(architecture: str):
+    torch.manual_seed(0)
+    shape = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    model = {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=2, eos_token_id=EOS)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**shape)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
+    }[architecture]().eval()
+    assert takes_logits_to_keep(model)
+    logprobs, head_rows = response_logprobs_and_head_rows(model, model.get_output_embeddings())
+    assert head_rows == [3 + 1]  # the response's 3 predictions and the last position's
+    # A model without logits_to_keep gets the full forward, sliced: the same log-probs.
+    wrapped = FullLogitsOnly(model)
+    assert not takes_logits_to_keep(wrapped)
+    fallback, head_rows = response_logprobs_and_head_rows(wrapped, model.get_output_embeddings())
+    assert head_rows == [PADDED_IDS.shape[1]]
+    torch.testing.assert_close(fallback, logprobs, atol=1e-6, rtol=0)
+
+
 def test_ratio_is_one_in_first_minibatch_and_metrics_logged(tmp_path: Path, byte_gpt2_dir: Path, reward_dir: Path):
     seed_everything(0)
     module = small_ppo(byte_gpt2_dir, tmp_path, reward_model=str(reward_dir))
@@ -135,6 +196,38 @@ def test_ratio_is_one_in_first_minibatch_and_metrics_logged(tmp_path: Path, byte
     assert trainer.global_step == 2 * 2  # optimiser steps: epochs * minibatches per iteration
     # The critic starts from the reward model when tokenizers agree; both are exported.
     assert is_complete_hf_folder(tmp_path / "policy") and is_complete_hf_folder(tmp_path / "critic")
+
+
+def fit_counting_block_forwards(module: PPOModule, iterations: int) -> tuple[dict[str, torch.Tensor], Counter]:
+    """Fit ``module`` from seed 0; its weights afterwards, and how often the first layer norm of
+    the policy and of the critic ran with gradients on (a checkpointed block's forward runs again
+    in the backward: its layers' hooks see it, the block's own do not)."""
+    seed_everything(0)
+    module.configure_model()
+    calls: Counter = Counter()
+    for name, model in (("policy", module.policy), ("critic", module.critic)):
+        backbone(model).h[0].ln_1.register_forward_pre_hook(
+            lambda layer, args, name=name: calls.update([name] if torch.is_grad_enabled() else []))
+    fit(module, iterations)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, calls
+
+
+def assert_checkpointing_changes_nothing_but_the_recompute(byte_gpt2_dir: Path, tmp_path: Path, **settings) -> float:
+    """Two PPO iterations (2 epochs x 2 minibatches each) with and without gradient checkpointing
+    end with the same weights; returns the largest weight difference."""
+    plain, plain_calls = fit_counting_block_forwards(small_ppo(byte_gpt2_dir, tmp_path / "plain", **settings), 2)
+    checkpointed, calls = fit_counting_block_forwards(
+        small_ppo(byte_gpt2_dir, tmp_path / "checkpointed", gradient_checkpointing=True, **settings), 2)
+    assert plain_calls == {"policy": 8, "critic": 8}  # one training forward per minibatch
+    assert calls == {"policy": 16, "critic": 16}  # and once more in each backward
+    assert plain.keys() == checkpointed.keys()
+    difference = max((plain[k].float() - checkpointed[k].float()).abs().max().item() for k in plain)
+    assert difference <= 1e-6
+    return difference
+
+
+def test_gradient_checkpointing_gives_the_same_ppo_update(tmp_path: Path, byte_gpt2_dir: Path):
+    assert_checkpointing_changes_nothing_but_the_recompute(byte_gpt2_dir, tmp_path)
 
 
 def test_policy_changes_and_reward_model_stays_frozen(tmp_path: Path, byte_gpt2_dir: Path, reward_dir: Path):

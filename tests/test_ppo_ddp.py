@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from .conftest import run_distributed_script
 
 SCRIPT = Path(__file__).with_name("ddp_ppo_run.py")
 
 
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_weights(tmp_path: Path, byte_gpt2_dir: Path):
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(SCRIPT), str(byte_gpt2_dir), str(tmp_path)], env=env,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # a hung DDP run ignores SIGTERM
-        pytest.fail("DDP run hung")
-    assert process.returncode == 0, output[-3000:]
+    run_distributed_script(SCRIPT, byte_gpt2_dir, tmp_path)
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1))
     assert rank0 == rank1  # same policy and critic checksums, same step and episode counts
     policy_sum, critic_sum, global_step, episodes = rank0

@@ -14,6 +14,8 @@ from rlhf_lightning.rlhf_math import (
     apply_missing_eos_penalty,
     dpo_loss,
     dpo_sequence_logps,
+    ensemble_score,
+    ensemble_spread,
     entropy_from_logits,
     explained_variance,
     first_eos_mask,
@@ -442,6 +444,17 @@ def test_leave_one_out_scores_hand_values():
     assert leave_one_out_scores(scores, 1) is scores
     with pytest.raises(ValueError, match="groups of 3"):
         leave_one_out_scores(scores, 3)
+
+
+def test_ensemble_score_is_mean_minus_k_population_std_hand_values():
+    members = torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, 4.0]])  # 2 members x 3 responses
+    # means 2, 2, 2; population stds sqrt(((1-2)^2 + (3-2)^2) / 2) = 1, 0, sqrt((4 + 4) / 2) = 2
+    close(ensemble_spread(members), [1.0, 0.0, 2.0])
+    close(ensemble_score(members, 0.5), [2.0 - 0.5, 2.0, 2.0 - 1.0])
+    close(ensemble_score(members), [2.0, 2.0, 2.0])  # penalty 0: the plain mean
+    # three members 0, 3, 6: mean 3, std sqrt((9 + 0 + 9) / 3) = sqrt(6) (the m - 1 form would give 3)
+    close(ensemble_score(torch.tensor([[0.0], [3.0], [6.0]]), 1.0), [3.0 - math.sqrt(6.0)])
+    close(ensemble_spread(torch.tensor([[5.0, -1.0]])), [0.0, 0.0])  # one member: no spread
 
 
 # ------------------------------------------------------------------ critic-free advantages

@@ -1,7 +1,8 @@
 """Turning checked records into token ids, and padding them into batches.
 
 The one place for the rules of what the loss sees: prompt tokens are never learned from
-(label -100), completions end with EOS, chat conversations are learned from on assistant turns
+(label -100), completions end with EOS (a response to a chat prompt with the token its chat
+template ends an assistant turn with), chat conversations are learned from on assistant turns
 only, and prompts for generation are left-padded.
 """
 
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserInputError
 from ..records import Record, sft_kind
+from ..stop_tokens import chat_turn_end_id
 
 IGNORE_INDEX = -100
 Messages = list[dict[str, str]]
@@ -100,20 +102,32 @@ def encode_sft(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: i
     return {"input_ids": input_ids, "labels": labels}
 
 
+def response_end_id(tokenizer: PreTrainedTokenizerBase, record: Record) -> int:
+    """The token a training response to ``record``'s prompt ends with, the one a policy's sampled
+    response ends with: EOS after a plain prompt; after a chat prompt, the token the chat template
+    ends an assistant turn with (:func:`~rlhf_lightning.stop_tokens.chat_turn_end_id`, e.g.
+    ``<|im_end|>``; EOS when the template writes no special token there)."""
+    turn_end = chat_turn_end_id(tokenizer) if _is_chat_prompt(record) else None
+    return tokenizer.eos_token_id if turn_end is None else turn_end
+
+
 def encode_preference(
     record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> dict[str, Any]:
-    """Ids of prompt+chosen and prompt+rejected (each ending with EOS, as PPO responses do), and
-    the length of each response (EOS included) as ``chosen_response_length`` /
-    ``rejected_response_length``: the tokens DPO learns from.
+    """Ids of prompt+chosen and prompt+rejected, and the length of each response (its end token
+    included) as ``chosen_response_length`` / ``rejected_response_length``: the tokens DPO
+    learns from. A plain prompt is followed by each response and EOS; a chat prompt (a list of
+    messages) is rendered with the template's generation prompt and each response ends with
+    the template's end-of-turn token (:func:`response_end_id`), as PPO responses do.
 
     Truncation keeps the end of the prompt and the start of the response, and always keeps the
-    final EOS, so the reward is read at the same kind of token in training and in PPO.
+    final end token, so the reward is read at the same kind of token in training and in PPO.
     """
-    prompt = encode_prompt(tokenizer, record["prompt"])
+    prompt = prompt_record_ids(record, tokenizer)
+    end = response_end_id(tokenizer, record)
     pair: dict[str, Any] = {"margin": float(record.get("margin", 0.0))}
     for side in ("chosen", "rejected"):
-        response = encode_text(tokenizer, record[side])[: max_length - 1] + [tokenizer.eos_token_id]
+        response = encode_text(tokenizer, record[side])[: max_length - 1] + [end]
         room = max_length - len(response)
         pair[side] = (prompt[-room:] if room > 0 else []) + response
         pair[f"{side}_response_length"] = len(response)
@@ -124,6 +138,20 @@ def _is_chat_prompt(record: Record) -> bool:
     return isinstance(record.get("messages", record.get("prompt")), list)
 
 
+def demonstration_pair(record: Record) -> Record:
+    """An SFT demonstration as a preference record whose ``chosen`` and ``rejected`` are both the
+    demonstrated response (how a reward model scores a demonstration): ``prompt``/``completion``
+    as they are; ``messages`` as the conversation before its last assistant turn (the prompt)
+    and that turn's content."""
+    if sft_kind(record) == "prompt/completion":
+        prompt, response = record["prompt"], record["completion"]
+    else:
+        messages = record["messages"]
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        prompt, response = messages[:last], messages[last]["content"]
+    return {"prompt": prompt, "chosen": response, "rejected": response}
+
+
 def prompt_record_text(record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
     """The text a policy continues for a prompt record: the plain prompt, or the chat messages
     rendered with the tokenizer's template and the generation prompt."""
@@ -132,15 +160,17 @@ def prompt_record_text(record: Record, tokenizer: PreTrainedTokenizerBase) -> st
     return record["prompt"]
 
 
-def encode_prompt_record(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
+def prompt_record_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Prompt ids for generation (see :func:`prompt_record_text`); a rendered chat template
-    carries its own special tokens, a plain prompt gets BOS where the tokenizer adds one.
-
-    Over-long prompts keep their last ``max_length`` tokens (the part next to the response).
-    """
+    carries its own special tokens, a plain prompt gets BOS where the tokenizer adds one."""
     text = prompt_record_text(record, tokenizer)
-    ids = encode_text(tokenizer, text) if _is_chat_prompt(record) else encode_prompt(tokenizer, text)
-    return ids[-max_length:]
+    return encode_text(tokenizer, text) if _is_chat_prompt(record) else encode_prompt(tokenizer, text)
+
+
+def encode_prompt_record(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
+    """:func:`prompt_record_ids`, over-long prompts keeping their last ``max_length`` tokens (the
+    part next to the response)."""
+    return prompt_record_ids(record, tokenizer)[-max_length:]
 
 
 def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""What the SFT and reward stages share: one Hugging Face model named by
-``model_name_or_path``, its tokenizer, and AdamW with a warmup schedule."""
+"""What the SFT, reward and DPO stages share: one Hugging Face model named by
+``model_name_or_path`` (and maybe a frozen reference), its tokenizer, AdamW with a warmup
+schedule, and FSDP2 sharding under ``ModelParallelStrategy``."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights
 from ..lora import LoRASettings, add_adapter
-from ..models import ModelLoadError, load_reference, load_tokenizer
+from ..models import ModelLoadError, enable_gradient_checkpointing, load_reference, load_tokenizer
 from ..optim import adamw, warmup_schedule
+from ..sharding import check_strategy, shard_model
 from .export import ExportingModule
 
 
 class HFModelModule(ExportingModule):
-    """Base of a stage that fine-tunes ``self.model`` (built in ``configure_model``).
+    """Base of a stage that fine-tunes ``self.model`` (built in :meth:`build_models`).
+
+    Under ``ModelParallelStrategy`` (FSDP2) ``configure_model`` shards the models (:meth:`shard`)
+    and the export is gathered whole to rank 0; :meth:`setup` refuses the strategies no stage
+    supports (:func:`~rlhf_lightning.sharding.check_strategy`).
 
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
     ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``,
@@ -28,9 +34,14 @@ class HFModelModule(ExportingModule):
     :meth:`use_lora` sets ``lora``.
     """
 
-    model: PreTrainedModel | None
     _tokenizer: PreTrainedTokenizerBase | None = None
     lora: LoRASettings | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: PreTrainedModel | None = None
+        # filled by load_frozen_reference (a list: out of the state dict, the optimiser and .to())
+        self._reference: list[PreTrainedModel] = []
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -58,11 +69,32 @@ class HFModelModule(ExportingModule):
         transformers checkpoints gradients only in training mode."""
         model.train()
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
+            enable_gradient_checkpointing(model)
         if self.lora is not None:
             model = add_adapter(model, self.lora, "model.init_args.lora", task_type)
         return model
+
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, type(self).__name__, self.lora)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.build_models()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel ranks
+            self.shard(self.device_mesh["data_parallel"])
+
+    def build_models(self) -> None:
+        """Set ``self.model`` (and load a frozen reference if the stage has one): called once,
+        from ``configure_model``, before any sharding."""
+        raise NotImplementedError
+
+    def shard(self, mesh: Any) -> None:
+        """Shard the model and the frozen reference with FSDP2 over the 1-d device ``mesh``
+        (:func:`~rlhf_lightning.sharding.shard_model`). A stage that trains another module shards
+        it too: without DDP, FSDP is what averages its gradients over the ranks."""
+        for model in (self.model, *self._reference):
+            shard_model(model, mesh)
 
     def load_frozen_reference(self, name_or_path: str, policy: PreTrainedModel | None = None) -> None:
         """Load the frozen causal LM that :attr:`reference` returns (DPO's reference, the reward

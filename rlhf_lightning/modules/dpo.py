@@ -79,13 +79,8 @@ class DPOModule(HFModelModule):
         super().__init__()
         check_dpo_settings(beta, loss_type, label_smoothing)
         self.save_hyperparameters()
-        self.model: PreTrainedModel | None = None
-        # filled by load_frozen_reference (a list: out of the state dict, the optimiser and .to())
-        self._reference: list[PreTrainedModel] = []
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_models(self) -> None:
         hp = self.hparams
         model = load_causal_lm(hp.model_name_or_path, self.tokenizer)
         self.load_frozen_reference(hp.reference_name_or_path or hp.model_name_or_path, model)

@@ -25,6 +25,7 @@ from ..checkpoint_io import use_atomic_checkpoints
 from ..errors import UserInputError
 from ..lora import ADAPTER_SUBFOLDER, LoRASettings, is_adapter_model, merged_model
 from ..models import is_complete_hf_folder, save_hf_folder
+from ..sharding import gathered_state_dict
 
 
 class ExportExistsError(UserInputError):
@@ -184,7 +185,9 @@ def export_at_fit_end(
     atomically.
 
     A LoRA (peft) model is saved merged, as a plain Hugging Face folder, and with
-    ``lora.export_adapter`` its adapter alone goes to the ``adapter`` subfolder too. Skipped under
+    ``lora.export_adapter`` its adapter alone goes to the ``adapter`` subfolder too. An FSDP2-sharded
+    model is gathered whole to rank zero first (:func:`~rlhf_lightning.sharding.gathered_state_dict`),
+    so every rank must call this. Skipped under
     ``fast_dev_run`` (a smoke run must not replace a trained model) and when the folder is unset.
     """
     trainer = module.trainer
@@ -195,12 +198,13 @@ def export_at_fit_end(
         rank_zero_info(f"fast_dev_run: not exporting to {export_dir}")
         return
     check_export_dirs(module, {key: export_dir})
+    state_dict = gathered_state_dict(model)  # FSDP2: every rank sends its shards to rank zero
     if trainer.is_global_zero:
         if is_adapter_model(model):
             save_hf_folder(export_dir, merged_model(model), tokenizer)
             if lora is not None and lora.export_adapter:
                 save_hf_folder(Path(export_dir) / ADAPTER_SUBFOLDER, model, tokenizer)
         else:
-            save_hf_folder(export_dir, model, tokenizer)
+            save_hf_folder(export_dir, model, tokenizer, state_dict=state_dict)
         rank_zero_info(f"exported Hugging Face folder: {export_dir}")
     trainer.strategy.barrier("hf_export")

@@ -32,11 +32,12 @@ from ..lora import LoRASettings
 from ..models import load_tokenizer
 from ..optim import clipped_step, empty_steps, warmup_schedule
 from ..ppo_models import load_ppo_models
-from ..ppo_settings import (KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_strategy, loss_reduction,
+from ..ppo_settings import (KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_precision, loss_reduction,
                             planned_iterations)
 from ..reward_sources import TextRewardFn
 from ..rng import restore_rank_state, rng_states_of_all_ranks
 from ..rollout import RolloutBatch, RolloutLoop, rollout_statistics
+from ..sharding import check_strategy, is_sharded, shard_model
 from ..terminal import KnownWarningsSilenced
 from ..text_logging import log_text_samples
 from .export import ExportingModule, export_at_fit_end
@@ -57,14 +58,16 @@ class PPOModule(ExportingModule):
             separate model, and ``policy_export_dir`` gets the merged policy
             (:mod:`rlhf_lightning.lora`). None: full fine-tuning.
         reward_model: a reward-model folder (``RewardModule``'s export; a folder without a trained
-            score head, such as the SFT export, is refused), or else ``reward_fn``.
+            score head, such as the SFT export, is refused), or a list of them: an ensemble that
+            scores the members' mean minus ``scores.ensemble_penalty`` times their std (logged as
+            ``objective/scores_spread``); or else ``reward_fn``.
         reward_fn: a Python callable ``(prompts, completions) -> scores`` (in YAML: its import
             path, e.g. ``rlhf_lightning.tasks.gold_rewards``), or else ``reward_model``.
-        critic: the value model's initial weights (default: the reward model when it shares
-            the policy's tokenizer, else the policy with a new scalar head). Only ``gae`` has a
-            critic: with a critic-free ``ppo.advantage_estimator`` none is built, trained,
-            checkpointed or exported (``critic``, ``critic_learning_rate``, ``critic_export_dir``
-            and the value settings are not read).
+        critic: the value model's initial weights (default: the reward model, or an ensemble's
+            first member, when it shares the policy's tokenizer, else the policy with a new
+            scalar head). Only ``gae`` has a critic: with a critic-free ``ppo.advantage_estimator``
+            none is built, trained, checkpointed or exported (``critic``, ``critic_learning_rate``,
+            ``critic_export_dir`` and the value settings are not read).
         learning_rate: the policy's AdamW (eps 1e-5) learning rate, decayed by ``lr_scheduler``.
         critic_learning_rate: the critic's learning rate (default: ``learning_rate``).
         lr_scheduler: ``linear``, ``cosine`` or ``constant`` decay over the planned iterations.
@@ -76,6 +79,9 @@ class PPOModule(ExportingModule):
             the Trainer's ``max_steps`` / ``max_epochs`` decide.
         forward_batch_size: rows per no-grad forward of the rollout (bounds memory).
         reward_batch_size: rows per reward-model forward.
+        gradient_checkpointing: the policy and the critic recompute their activations in the
+            backward instead of keeping them (trades compute for memory; generation and the
+            rollout's no-grad forwards are unaffected).
         policy_export_dir: where the trained policy is written as a Hugging Face folder at the
             end of fit (null: not exported).
         critic_export_dir: where the critic is written (null: not exported).
@@ -104,7 +110,7 @@ class PPOModule(ExportingModule):
         policy: str = "outputs/sft/model",
         reference: str | None = None,
         lora: LoRASettings | None = None,
-        reward_model: str | None = None,
+        reward_model: str | list[str] | None = None,
         reward_fn: TextRewardFn | None = None,
         critic: str | None = None,
         learning_rate: float = 1e-5,
@@ -117,6 +123,7 @@ class PPOModule(ExportingModule):
         max_iterations: int | None = None,
         forward_batch_size: int = 16,
         reward_batch_size: int = 64,
+        gradient_checkpointing: bool = False,
         policy_export_dir: str | None = "outputs/ppo/policy",
         critic_export_dir: str | None = "outputs/ppo/critic",
         overwrite_export: bool = False,
@@ -126,8 +133,9 @@ class PPOModule(ExportingModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_ppo_settings(generation, ppo, kl, scores, lora, policy=policy, reference=reference, max_iterations=max_iterations,
-                           forward_batch_size=forward_batch_size, reward_batch_size=reward_batch_size)
+        check_ppo_settings(generation, ppo, kl, scores, lora, policy=policy, reference=reference, reward_model=reward_model,
+                           max_iterations=max_iterations, forward_batch_size=forward_batch_size,
+                           reward_batch_size=reward_batch_size)
         self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores", "lora"])
         self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores),
                             lora=None if lora is None else asdict(lora))
@@ -165,22 +173,34 @@ class PPOModule(ExportingModule):
             raise ValueError("give exactly one of reward_model or reward_fn (or override compute_scores)")
         models = load_ppo_models(hp.policy, self.tokenizer, reference=hp.reference, lora=self.lora, reward_model=hp.reward_model,
                                  reward_fn=self.reward_fn, critic=hp.critic,
-                                 with_critic=self.needs_critic, reward_batch_size=hp.reward_batch_size)
+                                 with_critic=self.needs_critic, reward_batch_size=hp.reward_batch_size,
+                                 ensemble_penalty=self.score_settings.ensemble_penalty,
+                                 gradient_checkpointing=hp.gradient_checkpointing)
         self.policy, self.reference, self.critic = models.policy, models.reference, models.critic
         self.reward_scorer = models.reward_scorer
-        if models.reward_model is not None:
-            self.reward_model = models.reward_model
+        if len(models.reward_models) == 1:
+            self.reward_model = models.reward_models[0]
+        elif models.reward_models:  # an ensemble's members
+            self.reward_models = torch.nn.ModuleList(models.reward_models)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel ranks
+            for model in (self.policy, self.critic, *self.frozen_models()):
+                if model is not None:
+                    shard_model(model, self.device_mesh["data_parallel"])
 
     def frozen_models(self) -> list[torch.nn.Module]:
-        """The models that never train: the reference and the reward model (when there is one)."""
-        return [m for m in (self.reference, getattr(self, "reward_model", None)) if m is not None]
+        """The models that never train: the reference and the reward model, or each member of a
+        reward-model ensemble (when there are any). Registered as submodules (``reward_model``,
+        ``reward_models``), they move to the device with the module and stay out of checkpoints."""
+        reward_models = [getattr(self, "reward_model", None), *getattr(self, "reward_models", ())]
+        return [m for m in (self.reference, *reward_models) if m is not None]
 
     def rollout_loop(self) -> RolloutLoop:
         """A :attr:`rollout_loop_class` on this module's models and settings."""
         reduce = (lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")) if self.trainer.world_size > 1 else None
         return self.rollout_loop_class.from_settings(
             self.policy, self.reference, self.critic, self.compute_scores, self.tokenizer, self.generation, self.ppo, self.kl,
-            self.score_settings, forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce)
+            self.score_settings, forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce,
+            synced_gpus=is_sharded(self.policy))
 
     def compute_scores(self, responses: Responses) -> Tensor:
         """Scores ``(b,)`` of a batch of responses: the hook to override for a custom reward.
@@ -189,6 +209,12 @@ class PPOModule(ExportingModule):
         the decoded ``prompts`` and ``completions``. Called without gradients.
         """
         return self.reward_scorer(responses)
+
+    def score_statistics(self) -> dict[str, Tensor]:
+        """Statistics of the reward source's last scores, logged with the rollout's: the scorer's
+        own ``statistics()`` when it has one (an ensemble's ``objective/scores_spread``), else none."""
+        statistics = getattr(self.reward_scorer, "statistics", None)
+        return statistics() if statistics is not None else {}
 
     # ---------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
@@ -207,7 +233,8 @@ class PPOModule(ExportingModule):
         world_batch = len(rollout) * self.trainer.world_size
         self.iteration += 1
         self.episode += world_batch
-        stats = rollout_statistics(rollout, self.tokenizer.eos_token_id, self.kl_controller.value, self.critic is not None)
+        stats = rollout_statistics(rollout, self.kl_controller.value, self.critic is not None)
+        stats.update(self.score_statistics())
         stats.update(update_stats)
         mean_kl = self.trainer.strategy.reduce(stats["objective/kl"], reduce_op="mean").item()
         if math.isfinite(mean_kl):
@@ -338,7 +365,8 @@ class PPOModule(ExportingModule):
         return planned_iterations(self.hparams.max_iterations, self.trainer, self.ppo.steps_per_iteration)
 
     def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy)
+        check_strategy(self.trainer.strategy, type(self).__name__, self.lora)
+        check_precision(self.trainer.precision)
 
     def export_keys(self) -> tuple[str, ...]:
         return ("policy_export_dir", "critic_export_dir") if self.needs_critic else ("policy_export_dir",)
@@ -359,7 +387,7 @@ class PPOModule(ExportingModule):
         seed = self.hparams.seed * 100_003 + batch_idx
         comparison = compare_batch(self.policy, self.reference, self.tokenizer, self.generation, batch["prompt_ids"],
                                    batch["prompt_mask"], seed, self.compute_scores, self.judge)
-        self.eval_metrics.update(comparison, self.tokenizer.eos_token_id)
+        self.eval_metrics.update(comparison)
         if batch_idx == 0:
             log_text_samples(self.trainer, "samples/ppo", comparison.rows()[: self.hparams.num_text_samples])
 

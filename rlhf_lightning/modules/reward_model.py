@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel
 
-from ..data.encoding import attention_mask_for, encode_preference, pad
+from ..data.encoding import attention_mask_for, demonstration_pair, encode_preference, pad
 from ..records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
 from ..evaluation import JudgeFn
 from ..lora import LoRASettings
@@ -29,10 +29,11 @@ from .base import HFModelModule
 from .export import export_at_fit_end
 
 
-def _check_prompt_completion(record: Record, path: str, line: int) -> Record:
+def _check_demonstration(record: Record, path: str, line: int) -> Record:
     record = check_sft(record, path, line)
-    if sft_kind(record) != "prompt/completion":
-        raise DataFormatError(path, line, None, "normalize_file needs SFT records {\"prompt\", \"completion\"}")
+    if sft_kind(record) == "text":
+        raise DataFormatError(path, line, "text", "normalize_file needs SFT records with a prompt and a response: "
+                              "{\"prompt\", \"completion\"} or {\"messages\"}")
     return record
 
 
@@ -87,8 +88,9 @@ class RewardModule(HFModelModule):
             ties skipped) and the Spearman correlation of rewards and judge scores over every
             validation completion (``val/gold_spearman``).
         normalize: store the mean reward of SFT demonstrations as ``reward_offset``.
-        normalize_file: JSONL of SFT ``{"prompt", "completion"}`` records to normalise on
-            (read, and checked, before training starts); None uses the SFT val split of the data
+        normalize_file: JSONL of SFT ``{"prompt", "completion"}`` or ``{"messages"}`` records to
+            normalise on (read, and checked, before training starts; a conversation is scored on
+            its last assistant turn); None uses the SFT val split of the data
             module's ``task`` when it trains on that task, and leaves the offset at 0.0 (with a
             warning) for user preference files (the pipeline passes the SFT config's own data).
         normalize_max_length: token budget of those sequences (None: the datamodule's
@@ -124,10 +126,7 @@ class RewardModule(HFModelModule):
         self.save_hyperparameters(ignore=["judge", "lora"])
         self.use_lora(lora)
         self.judge = judge
-        self.model: PreTrainedModel | None = None
         self.likelihood_head: torch.nn.Linear | None = None
-        # filled by load_frozen_reference (a list: out of the state dict, the optimiser and .to())
-        self._reference: list[PreTrainedModel] = []
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
         self._normalization_records: list[Record] | None = None
@@ -140,9 +139,7 @@ class RewardModule(HFModelModule):
         self.val_gold_accuracy = MeanMetric()
         self.val_gold_spearman = spearman_corrcoef()
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_models(self) -> None:
         self.model = load_sequence_scorer(self.hparams.model_name_or_path, self.tokenizer)
         # An offset from an earlier reward model would be stale once training changes the model.
         setattr(self.model.config, REWARD_OFFSET_KEY, 0.0)
@@ -150,6 +147,15 @@ class RewardModule(HFModelModule):
         if self.hparams.likelihood_distillation_coef > 0:
             self.load_frozen_reference(self.hparams.likelihood_teacher or self.hparams.model_name_or_path)
             self.likelihood_head = torch.nn.Linear(self.model.config.hidden_size, 1)
+
+    def shard(self, mesh: Any) -> None:
+        """The model, the likelihood teacher and the likelihood head (trained: FSDP averages its
+        gradients over the ranks)."""
+        from torch.distributed.fsdp import fully_shard
+
+        super().shard(mesh)
+        if self.likelihood_head is not None:
+            fully_shard(self.likelihood_head, mesh=mesh)
 
     def optimized_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """The model's parameters, and the auxiliary likelihood head's when there is one."""
@@ -260,16 +266,17 @@ class RewardModule(HFModelModule):
 
     # --- normalisation and export -------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Read normalize_file now, so that a bad record fails before training, not after.
         if stage == "fit" and self.hparams.normalize and self.hparams.normalize_file:
-            self._normalization_records = read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
+            self._normalization_records = read_jsonl(self.hparams.normalize_file, _check_demonstration)
 
     def normalization_records(self) -> list[Record] | None:
         """SFT demonstrations whose mean reward becomes 0: ``normalize_file``, else the data
         module's task's SFT val split when it trains on that task (seeded like the datamodule);
         None for user preference files without a ``normalize_file``."""
         if self.hparams.normalize_file:
-            return self._normalization_records or read_jsonl(self.hparams.normalize_file, _check_prompt_completion)
+            return self._normalization_records or read_jsonl(self.hparams.normalize_file, _check_demonstration)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_file", None) is not None:
             return None
@@ -278,12 +285,11 @@ class RewardModule(HFModelModule):
         return task_records(get_task(getattr(datamodule, "task", "sentiment"), getattr(datamodule, "seed", 0)), "sft", "val")
 
     def compute_reward_offset(self, records: list[Record]) -> float:
-        """Mean raw reward of prompt+completion+EOS sequences (encoded as preference pairs are)."""
+        """Mean raw reward of SFT demonstrations, each encoded as a preference pair's response
+        is (:func:`~rlhf_lightning.data.encoding.demonstration_pair`): prompt + completion + EOS,
+        or a conversation's last assistant turn after the rest, ending with the end-of-turn token."""
         max_length = self.hparams.normalize_max_length or getattr(getattr(self.trainer, "datamodule", None), "max_length", 256)
-        sequences = [
-            encode_preference({"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]}, self.tokenizer, max_length)["chosen"]
-            for r in records
-        ]
+        sequences = [encode_preference(demonstration_pair(r), self.tokenizer, max_length)["chosen"] for r in records]
         ids, mask = pad(sequences, self.tokenizer.pad_token_id), attention_mask_for(sequences)
         rewards = score_sequences(self.model, ids, mask, batch_size=self.hparams.score_batch_size, apply_offset=False)
         return rewards.mean().item()

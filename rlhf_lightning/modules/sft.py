@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
-from transformers import PreTrainedModel
 
 from ..data.encoding import IGNORE_INDEX
 from ..generation import sample_texts
 from ..lora import LoRASettings
 from ..models import load_causal_lm
+from ..sharding import is_sharded
 from ..text_logging import log_text_samples
 from .base import HFModelModule
 from .export import export_at_fit_end
@@ -76,12 +76,9 @@ class SFTModule(HFModelModule):
         super().__init__()
         self.save_hyperparameters(ignore=["lora"])
         self.use_lora(lora)
-        self.model: PreTrainedModel | None = None
         self.val_loss = MeanMetric()
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_models(self) -> None:
         self.model = load_causal_lm(self.hparams.model_name_or_path, self.tokenizer)
         self.model = self.prepare_model(self.model)
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -136,7 +133,8 @@ class SFTModule(HFModelModule):
 
     def log_samples(self) -> None:
         prompts = self.sample_prompts()
-        if not prompts or not self.trainer.is_global_zero:
+        # A sharded model's forwards are collectives: then every rank samples (rank 0 logs).
+        if not prompts or not (self.trainer.is_global_zero or is_sharded(self.model)):
             return
         completions = sample_texts(self.model, self.tokenizer, prompts, self.hparams.sample_max_new_tokens)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]

@@ -1,0 +1,150 @@
+"""A reward-model ensemble with an uncertainty penalty as PPO's reward, on the task suite.
+
+Starts from the runs of ``benchmarks/methods.py`` (or ``suite.py``): for each (task, seed) it
+reuses that run's SFT policy and reward model (member 1) and trains a second reward model on the
+same pairs with the same config, changing only ``seed_everything`` (seed + 1000: the head's
+initialisation and the order of the pairs). PPO then runs the run's own PPO config with the two
+members as its reward, ``mean - k * std`` of their scores (``scores.ensemble_penalty = k``), and
+the policy is compared with SFT exactly as the pipeline does (the same prompts, sampling, judge
+and seed; ``rho`` is member 1's Spearman correlation with the judge, so it reads the same
+reward model as the single-model row). Each member's held-out accuracy and the ensemble mean's
+are printed beside it.
+
+    python benchmarks/ensemble.py --runs outputs/methods-rm --seeds 0 1 --penalty 1.0
+    python benchmarks/ensemble.py --runs outputs/methods-rm --seeds 0 1 --penalty 0.0   # the mean alone
+
+Finished steps (a member's export, a PPO export, a row) are skipped, so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import suite  # noqa: E402
+
+from rlhf_lightning.cli import main as cli_main  # noqa: E402
+from rlhf_lightning.data.encoding import attention_mask_for, encode_preference, pad  # noqa: E402
+from rlhf_lightning.evaluation import compare_policies  # noqa: E402
+from rlhf_lightning.forwards import score_sequences  # noqa: E402
+from rlhf_lightning.generation import GenerationSettings  # noqa: E402
+from rlhf_lightning.models import load_sequence_scorer, load_tokenizer  # noqa: E402
+from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
+from rlhf_lightning.rlhf_math import pair_accuracy  # noqa: E402
+from rlhf_lightning.tasks import BUILTIN_TASKS, import_object, label_agreement  # noqa: E402
+
+MEMBER_SEED_OFFSET = 1000
+
+
+def fit(config: dict[str, Any], path: Path, *extra: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if cli_main(["fit", "--config", str(path), "--model.init_args.overwrite_export=true", *extra]) != 0:
+        raise SystemExit(f"fit failed: {path}")
+
+
+def train_member(run: Path, out: Path, seed: int, normalize_file: Path) -> Path:
+    """The run's reward config with another seed, logging and exporting under ``out/reward2``."""
+    export = out / "reward2" / "model"
+    if (export / "config.json").is_file():
+        return export
+    config = suite.replace_strings(yaml.safe_load((run / "configs" / "reward.yaml").read_text()),
+                                   str(run / "reward"), str(out / "reward2"))
+    config["seed_everything"] = seed + MEMBER_SEED_OFFSET
+    config["trainer"]["logger"]["init_args"].update(save_dir=str(out), name="reward2")
+    fit(config, out / "configs" / "reward2.yaml", f"--model.init_args.normalize_file={normalize_file}")
+    return export
+
+
+@torch.no_grad()
+def pair_scores(model_dir: Path, records: list[dict[str, Any]], max_length: int) -> torch.Tensor:
+    """(n, 2) scores of each pair's chosen and rejected side, encoded as the reward stage encodes them."""
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_sequence_scorer(str(model_dir), tokenizer).eval()
+    sequences = []
+    for record in records:
+        encoded = encode_preference(record, tokenizer, max_length)
+        sequences += [encoded["chosen"], encoded["rejected"]]
+    scores = score_sequences(model, pad(sequences, tokenizer.pad_token_id), attention_mask_for(sequences), batch_size=256)
+    return scores.reshape(-1, 2)
+
+
+def run_ppo(run: Path, out: Path, members: list[Path], penalty: float) -> Path:
+    export = out / "ppo" / "model"
+    if (export / "config.json").is_file():
+        return export
+    config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))
+    init = config["model"]["init_args"]
+    init.update(policy=str(run / "sft" / "model"), reward_model=[str(m) for m in members])
+    init.setdefault("scores", {})["ensemble_penalty"] = penalty
+    fit(config, out / "configs" / "ppo.yaml")
+    return export
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="outputs/methods-rm", help="the methods.py / suite.py output folder")
+    parser.add_argument("--method", default="ppo", help="the method sub-run whose SFT, reward and PPO config are reused")
+    parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=BUILTIN_TASKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--penalty", type=float, default=1.0)
+    parser.add_argument("--members-only", action="store_true", help="train the second members and stop")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs)
+    rows = []
+    for task in args.tasks:
+        judge = import_object(f"rlhf_lightning.tasks.{task}.judge")
+        for seed in args.seeds:
+            run = runs / task / f"seed{seed}" / args.method
+            out = runs / "ensemble" / task / f"seed{seed}"
+            started = time.perf_counter()
+            member2 = train_member(run, out, seed, runs / "data" / task / "sft_val.jsonl")
+            member_seconds = time.perf_counter() - started
+            if args.members_only:
+                continue
+            row_path = out / f"row_k{args.penalty:g}.json"
+            if row_path.is_file():
+                rows.append(json.loads(row_path.read_text()))
+                continue
+            members = [run / "reward" / "model", member2]
+            reward_config = run / "configs" / "reward.yaml"
+            held_out = datamodule_records(reward_config)[1]
+            max_length = yaml.safe_load(reward_config.read_text())["data"]["init_args"]["max_length"]
+            scores = torch.stack([pair_scores(m, held_out, max_length) for m in members])  # (2, n, 2)
+            accuracy = [pair_accuracy(s[:, 0], s[:, 1]).mean().item() for s in (*scores, scores.mean(0))]
+            started = time.perf_counter()
+            policy = run_ppo(run, out / f"k{args.penalty:g}", members, args.penalty)
+            ppo_seconds = time.perf_counter() - started
+            ppo_config = out / f"k{args.penalty:g}" / "configs" / "ppo.yaml"
+            generation = yaml.safe_load(ppo_config.read_text())["model"]["init_args"].get("generation") or {}
+            comparison, _ = compare_policies(str(policy), str(run / "sft" / "model"), datamodule_records(ppo_config)[1],
+                                             reward_model_dir=str(members[0]), generation=GenerationSettings(**generation),
+                                             judge=judge, seed=seed)
+            c = comparison.to_dict()
+            row = {
+                "task": task, "seed": seed, "penalty": args.penalty,
+                "acc_member1": accuracy[0], "acc_member2": accuracy[1], "acc_mean": accuracy[2],
+                "ceiling": label_agreement(held_out, judge),
+                "win": c["gold_win_rate"], "gold_sft": c["baseline_gold_score"], "gold_ppo": c["gold_score"],
+                "valid_sft": c["baseline_validity"], "valid_ppo": c["validity"], "kl": c["kl"],
+                "rho_sft": c["baseline_reward_gold_spearman"], "rho_ppo": c["reward_gold_spearman"],
+                "member_seconds": round(member_seconds, 1), "ppo_seconds": round(ppo_seconds, 1),
+            }
+            row_path.write_text(json.dumps(row, indent=2) + "\n")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for row in rows:
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
