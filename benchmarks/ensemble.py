@@ -78,7 +78,7 @@ def pair_scores(model_dir: Path, records: list[dict[str, Any]], max_length: int)
 
 
 def run_ppo(run: Path, out: Path, members: list[Path], penalty: float) -> Path:
-    export = out / "ppo" / "model"
+    export = out / "ppo" / "policy"
     if (export / "config.json").is_file():
         return export
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))

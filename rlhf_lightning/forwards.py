@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from .lora import backbone, transformers_model
+from .lora import adapter_context, backbone, transformers_model
 from .rlhf_math import last_token_index, logprobs_from_logits
 
 #: Key in a reward model's ``config`` holding the offset subtracted by :func:`score_sequences`.
@@ -97,13 +97,15 @@ def scalar_head(model: PreTrainedModel) -> nn.Module:
 
 def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The backbone's final hidden states ``(b, t, h)``, with grad, position ids built from the
-    mask (any padding side)."""
-    return backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    mask (any padding side); a critic adapter on a shared base runs with its adapter active
+    (:func:`~rlhf_lightning.lora.adapter_context`)."""
+    with adapter_context(model):
+        return backbone(model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
 
 
 def at_last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
-"""AdamW with decoupled weight decay and a warmup + decay schedule, shared by every stage, and
-the optimiser step of manual optimisation (PPO): clip, step, and an empty step for a skipped one."""
+"""AdamW with decoupled weight decay and a warmup + decay schedule, shared by every stage, the
+precisions it refuses to train in (:func:`check_precision`), and the optimiser step of manual
+optimisation (PPO): clip, step, and an empty step for a skipped one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import get_scheduler
 
+from .errors import UserInputError
+
 SCHEDULERS = ("cosine", "linear", "constant")
+
+#: ``trainer.precision`` values that keep the trained weights themselves in 16 bits (no float32 copy).
+HALF_WEIGHT_PRECISIONS = ("bf16-true", "16-true")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a ``trainer.precision`` that stores the trained weights in 16 bits, with a one-line
+    error naming ``trainer.precision``: AdamW then updates 16-bit weights in place, and steps below
+    half a weight's resolution round away (see docs/scaling.md#precision). Every stage's ``setup``
+    calls it, before any model loads."""
+    if precision in HALF_WEIGHT_PRECISIONS:
+        raise UserInputError(f"trainer.precision: {precision} keeps the trained weights in 16 bits, where most of AdamW's "
+                             "small steps round away; use bf16-mixed (16-bit compute, float32 weights) or 32-true "
+                             "(see docs/scaling.md)")
 
 
 def adamw(

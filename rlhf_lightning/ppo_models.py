@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .lora import AdapterDisabled, LoRASettings, add_adapter
+from .lora import AdapterCritic, AdapterDisabled, LoRASettings, add_adapter
 from .models import (
     enable_gradient_checkpointing,
     load_causal_lm,
@@ -30,7 +30,7 @@ class PPOModels:
 
     policy: PreTrainedModel
     reference: torch.nn.Module
-    critic: PreTrainedModel | None
+    critic: torch.nn.Module | None  # a sequence-classification model, or an AdapterCritic
     reward_models: list[PreTrainedModel]
     reward_scorer: Any
 
@@ -65,7 +65,9 @@ def load_ppo_models(
     reward_sources.EnsembleScorer` of frozen members with ``ensemble_penalty``), or the
     ``reward_fn`` callable (none of them: no scorer, for a subclass that computes scores itself).
     The critic (only ``with_critic``) starts from ``critic``, else the (first) reward model when it
-    shares the policy's tokenizer, else the policy with a new scalar head. With
+    shares the policy's tokenizer, else the policy with a new scalar head; with ``lora.critic``
+    ``adapter`` it is a second adapter and a new value head on the policy's base model
+    (:class:`~rlhf_lightning.lora.AdapterCritic`). With
     ``gradient_checkpointing`` the models that train (policy, critic) recompute their activations
     in the backward (:func:`~rlhf_lightning.models.enable_gradient_checkpointing`).
     """
@@ -84,10 +86,14 @@ def load_ppo_models(
         scorer = members[0]
     elif reward_fn is not None:
         scorer = CallableScorer(reward_fn)
-    critic_source = critic
-    if critic_source is None and members and members[0].shares_tokens:
-        critic_source = folders[0]
-    critic_model = load_sequence_scorer(critic_source or policy, tokenizer, role="critic").train() if with_critic else None
+    critic_model: torch.nn.Module | None = None
+    if with_critic and lora is not None and lora.critic == "adapter":
+        critic_model = AdapterCritic(policy_model, lora, "model.init_args.lora").train()
+    elif with_critic:
+        critic_source = critic
+        if critic_source is None and members and members[0].shares_tokens:
+            critic_source = folders[0]
+        critic_model = load_sequence_scorer(critic_source or policy, tokenizer, role="critic").train()
     if gradient_checkpointing:
         for model in filter(None, (policy_model, critic_model)):
             enable_gradient_checkpointing(model)

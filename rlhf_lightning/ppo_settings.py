@@ -14,7 +14,7 @@ from typing import Any
 from . import rlhf_math as pm
 from .errors import UserInputError, check_minimum
 from .generation import GenerationSettings
-from .lora import LoRASettings
+from .lora import LoRASettings, check_lora_critic, check_reference
 
 #: ``advantage_estimator`` values; the last three compare the responses to one prompt (a group).
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce_pp", "rloo", "grpo", "dr_grpo")
@@ -136,6 +136,8 @@ def check_ppo_settings(
     max_iterations: int | None,
     forward_batch_size: int,
     reward_batch_size: int,
+    critic: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> None:
     """Refuse an invalid or inconsistent PPO setting with a :class:`UserInputError` that names its
     ``model.init_args`` key."""
@@ -191,22 +193,8 @@ def check_ppo_settings(
                              f"{len(members)}), or set scores.ensemble_penalty 0")
     if lora is not None and lora.dropout != 0:
         raise UserInputError(f"{key}.lora.dropout must be 0 for PPO (recomputed log-probs must equal the rollout's), got {lora.dropout}")
-    if lora is not None and reference not in (None, policy):
-        raise UserInputError(f"{key}.reference: with lora the reference is the policy's base model; leave reference unset")
-
-
-#: ``trainer.precision`` values that keep the trained weights themselves in 16 bits (no float32 copy).
-HALF_WEIGHT_PRECISIONS = ("bf16-true", "16-true")
-
-
-def check_precision(precision: str) -> None:
-    """Refuse a ``trainer.precision`` that stores the trained weights in 16 bits, with a one-line
-    error naming ``trainer.precision``: AdamW then updates 16-bit weights in place, and steps below
-    half a weight's resolution round away (see docs/scaling.md#precision)."""
-    if precision in HALF_WEIGHT_PRECISIONS:
-        raise UserInputError(f"trainer.precision: {precision} keeps the trained weights in 16 bits, where most of PPO's small "
-                             "AdamW steps round away; use bf16-mixed (16-bit compute, float32 weights) or 32-true "
-                             "(see docs/scaling.md)")
+    check_reference(lora, reference, policy, f"{key}.reference")
+    check_lora_critic(lora, critic, gradient_checkpointing, key)
 
 
 def loss_reduction(ppo: PPOSettings) -> str:

@@ -25,7 +25,7 @@ GOOD = [" great. I loved the plot.", " wonderful and fun.", " good. The music wa
 BAD = [" awful. I hated the acting.", " boring and dull.", " bad bad bad bad."]
 
 
-def _pairs(n: int) -> list[dict]:
+def dpo_pairs(n: int) -> list[dict]:
     return [{"prompt": "Review: The movie was", "chosen": GOOD[i % 3], "rejected": BAD[i % 3]} for i in range(n)]
 
 
@@ -72,7 +72,7 @@ def test_response_logps_are_the_response_tokens_for_both_padding_sides(byte_gpt2
 def test_first_step_implicit_rewards_are_zero_and_loss_is_log2(
     tmp_path: Path, byte_gpt2_dir: Path, loss_type: str, label_smoothing: float, beta: float, expected_loss: float
 ):
-    train = write_lines(tmp_path / "train.jsonl", _pairs(6))
+    train = write_lines(tmp_path / "train.jsonl", dpo_pairs(6))
     module = DPOModule(str(byte_gpt2_dir), loss_type=loss_type, label_smoothing=label_smoothing, beta=beta, export_dir=None)
     data = PreferenceDataModule(train_file=str(train), val_fraction=0.0, batch_size=6)
     trainer = quiet_trainer(max_steps=1)
@@ -86,7 +86,7 @@ def test_first_step_implicit_rewards_are_zero_and_loss_is_log2(
 
 
 def test_fit_lowers_the_loss_keeps_the_reference_and_exports(tmp_path: Path, byte_gpt2_dir: Path):
-    train = write_lines(tmp_path / "train.jsonl", _pairs(24))
+    train = write_lines(tmp_path / "train.jsonl", dpo_pairs(24))
     export = tmp_path / "dpo-model"
     module = DPOModule(str(byte_gpt2_dir), beta=0.5, learning_rate=3e-3, warmup_steps=2, export_dir=str(export))
     data = PreferenceDataModule(train_file=str(train), val_fraction=0.25, batch_size=6, padding_side="left")
@@ -130,7 +130,7 @@ def _config(tmp_path: Path, model: Path, train: Path) -> Path:
 
 
 def test_cli_runs_the_demo_config(tmp_path: Path, byte_gpt2_dir: Path):
-    config = _config(tmp_path, byte_gpt2_dir, write_lines(tmp_path / "train.jsonl", _pairs(8)))
+    config = _config(tmp_path, byte_gpt2_dir, write_lines(tmp_path / "train.jsonl", dpo_pairs(8)))
     assert main(["fit", "--config", str(config)]) == 0
     assert is_complete_hf_folder(tmp_path / "export")
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
@@ -146,7 +146,7 @@ def test_cli_runs_the_demo_config(tmp_path: Path, byte_gpt2_dir: Path):
     ],
 )
 def test_cli_bad_setting_is_one_line_naming_the_key(tmp_path: Path, byte_gpt2_dir: Path, capsys, key: str, value: str, message: str):
-    config = _config(tmp_path, byte_gpt2_dir, write_lines(tmp_path / "train.jsonl", _pairs(8)))
+    config = _config(tmp_path, byte_gpt2_dir, write_lines(tmp_path / "train.jsonl", dpo_pairs(8)))
     assert main(["fit", "--config", str(config), f"--model.init_args.{key}={value}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

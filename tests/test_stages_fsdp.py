@@ -80,5 +80,5 @@ def test_stages_refuse_unsupported_strategies_in_one_line(stage, options, strate
 def test_stages_accept_pure_data_parallel_fsdp2_and_ddp(stage):
     module = stage()
     for strategy in (fsdp2(2, 1), DDPStrategy()):
-        module._trainer = SimpleNamespace(strategy=strategy)
+        module._trainer = SimpleNamespace(strategy=strategy, precision="32-true")
         module.setup("fit")

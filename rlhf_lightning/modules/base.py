@@ -13,9 +13,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights
-from ..lora import LoRASettings, add_adapter
+from ..lora import AdapterDisabled, LoRASettings, add_adapter
 from ..models import ModelLoadError, enable_gradient_checkpointing, load_reference, load_tokenizer
-from ..optim import adamw, warmup_schedule
+from ..optim import adamw, check_precision, warmup_schedule
 from ..sharding import check_strategy, shard_model
 from .export import ExportingModule
 
@@ -40,8 +40,9 @@ class HFModelModule(ExportingModule):
     def __init__(self) -> None:
         super().__init__()
         self.model: PreTrainedModel | None = None
-        # filled by load_frozen_reference (a list: out of the state dict, the optimiser and .to())
-        self._reference: list[PreTrainedModel] = []
+        # filled by load_frozen_reference or use_base_as_reference (a list: out of the state dict,
+        # the optimiser and .to())
+        self._reference: list[PreTrainedModel | AdapterDisabled] = []
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -76,6 +77,7 @@ class HFModelModule(ExportingModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, type(self).__name__, self.lora)
+        check_precision(self.trainer.precision)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -103,11 +105,18 @@ class HFModelModule(ExportingModule):
         list, so it stays out of the state dict, the optimiser and ``.to()``."""
         self._reference = [load_reference(name_or_path, self.tokenizer, self.hparams.model_name_or_path, policy)]
 
+    def use_base_as_reference(self) -> None:
+        """With LoRA: make :attr:`reference` the adapter model's own base with the adapter disabled
+        (:class:`~rlhf_lightning.lora.AdapterDisabled`, as PPO's), one copy of the base weights
+        instead of two. Call after :meth:`prepare_model` set ``self.model``."""
+        self._reference = [AdapterDisabled(self.model)]
+
     @property
-    def reference(self) -> PreTrainedModel:
-        """The frozen reference of :meth:`load_frozen_reference`, on the model's device."""
+    def reference(self) -> PreTrainedModel | AdapterDisabled:
+        """The frozen reference of :meth:`load_frozen_reference` (on the model's device) or of
+        :meth:`use_base_as_reference` (the model's own weights)."""
         reference = self._reference[0]
-        if reference.device != self.model.device:
+        if not isinstance(reference, AdapterDisabled) and reference.device != self.model.device:
             reference.to(self.model.device)
         return reference
 

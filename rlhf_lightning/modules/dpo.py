@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from .. import rlhf_math as pm
 from ..errors import UserInputError
+from ..lora import LoRASettings, check_reference
 from ..models import load_causal_lm
 from ..forwards import causal_lm_logits
 from .base import HFModelModule
@@ -35,7 +36,8 @@ class DPOModule(HFModelModule):
     attention mask, so either padding side gives the same numbers. The loss and the implicit
     rewards ``beta * (log pi - log pi_ref)`` are :func:`~rlhf_lightning.rlhf_math.dpo_loss`.
     At the first step the policy is the reference: every implicit reward is 0 and the loss is
-    log 2 (``sigmoid``, ``robust``).
+    log 2 (``sigmoid``, ``robust``). With ``lora`` the policy trains an adapter and the reference
+    is its own base model with the adapter disabled (one copy of the base weights).
 
     Logged (TRL's names): ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` (ties
     count one half, as the reward stage's accuracy), ``rewards/margins``, ``logps/chosen``,
@@ -54,6 +56,10 @@ class DPOModule(HFModelModule):
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
         lr_scheduler: ``cosine``, ``linear`` or ``constant`` after warmup.
         gradient_checkpointing: trade compute for memory on large models.
+        lora: train a LoRA adapter instead of every weight (needs the ``lora`` extra, ``peft``);
+            the reference is then the policy's base model (leave ``reference_name_or_path``
+            unset) and the export is the merged model (:mod:`rlhf_lightning.lora`). None: full
+            fine-tuning.
         export_dir: where to write the Hugging Face folder at the end of fit (None: no export).
         overwrite_export: allow the fit to replace a finished model in ``export_dir`` (off: the
             fit refuses to start).
@@ -73,18 +79,24 @@ class DPOModule(HFModelModule):
         warmup_steps: int = 20,
         lr_scheduler: str = "cosine",
         gradient_checkpointing: bool = False,
+        lora: LoRASettings | None = None,
         export_dir: str | None = "outputs/dpo/model",
         overwrite_export: bool = False,
     ) -> None:
         super().__init__()
         check_dpo_settings(beta, loss_type, label_smoothing)
-        self.save_hyperparameters()
+        check_reference(lora, reference_name_or_path, model_name_or_path, "model.init_args.reference_name_or_path")
+        self.save_hyperparameters(ignore=["lora"])
+        self.use_lora(lora)
 
     def build_models(self) -> None:
         hp = self.hparams
         model = load_causal_lm(hp.model_name_or_path, self.tokenizer)
-        self.load_frozen_reference(hp.reference_name_or_path or hp.model_name_or_path, model)
+        if self.lora is None:
+            self.load_frozen_reference(hp.reference_name_or_path or hp.model_name_or_path, model)
         self.model = self.prepare_model(model)
+        if self.lora is not None:
+            self.use_base_as_reference()
 
     def response_logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``log pi(response | prompt)`` ``(2b,)`` of every row under ``model``
@@ -132,4 +144,4 @@ class DPOModule(HFModelModule):
         self.log_dict({f"val/{name}": value for name, value in stats.items()}, batch_size=n_pairs, sync_dist=True)
 
     def on_fit_end(self) -> None:
-        export_at_fit_end(self, "export_dir", self.model, self.tokenizer)
+        export_at_fit_end(self, "export_dir", self.model, self.tokenizer, self.lora)

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import use_atomic_checkpoints
 from ..errors import UserInputError
-from ..lora import ADAPTER_SUBFOLDER, LoRASettings, is_adapter_model, merged_model
+from ..lora import ADAPTER_SUBFOLDER, AdapterCritic, LoRASettings, is_adapter_model, merged_model
 from ..models import is_complete_hf_folder, save_hf_folder
 from ..sharding import gathered_state_dict
 
@@ -184,7 +184,8 @@ def export_at_fit_end(
     """Save ``model`` + ``tokenizer`` to the folder of the hyperparameter ``key`` on rank zero,
     atomically.
 
-    A LoRA (peft) model is saved merged, as a plain Hugging Face folder, and with
+    A LoRA (peft) model, or a critic adapter (:class:`~rlhf_lightning.lora.AdapterCritic`), is
+    saved merged, as a plain Hugging Face folder, and with
     ``lora.export_adapter`` its adapter alone goes to the ``adapter`` subfolder too. An FSDP2-sharded
     model is gathered whole to rank zero first (:func:`~rlhf_lightning.sharding.gathered_state_dict`),
     so every rank must call this. Skipped under
@@ -200,7 +201,7 @@ def export_at_fit_end(
     check_export_dirs(module, {key: export_dir})
     state_dict = gathered_state_dict(model)  # FSDP2: every rank sends its shards to rank zero
     if trainer.is_global_zero:
-        if is_adapter_model(model):
+        if is_adapter_model(model) or isinstance(model, AdapterCritic):
             save_hf_folder(export_dir, merged_model(model), tokenizer)
             if lora is not None and lora.export_adapter:
                 save_hf_folder(Path(export_dir) / ADAPTER_SUBFOLDER, model, tokenizer)

@@ -28,11 +28,11 @@ from ..evaluation import ComparisonMetrics, JudgeFn, compare_batch
 from ..forwards import response_logprobs, token_values
 from ..generation import GenerationSettings, Responses
 from ..guards import NONFINITE_STEPS, default_guards
-from ..lora import LoRASettings
+from ..lora import LoRASettings, trained_parameters
 from ..models import load_tokenizer
-from ..optim import clipped_step, empty_steps, warmup_schedule
+from ..optim import check_precision, clipped_step, empty_steps, warmup_schedule
 from ..ppo_models import load_ppo_models
-from ..ppo_settings import (KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, check_precision, loss_reduction,
+from ..ppo_settings import (KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, loss_reduction,
                             planned_iterations)
 from ..reward_sources import TextRewardFn
 from ..rng import restore_rank_state, rng_states_of_all_ranks
@@ -54,9 +54,10 @@ class PPOModule(ExportingModule):
         reference: the frozen reference policy of the KL penalty (default: ``policy``).
         lora: train a LoRA adapter on the policy instead of all its weights (needs the ``lora``
             extra, ``peft``; ``dropout`` must be 0). The reference is then the policy's own base
-            model with the adapter disabled (one copy of the base weights), the critic stays a
-            separate model, and ``policy_export_dir`` gets the merged policy
-            (:mod:`rlhf_lightning.lora`). None: full fine-tuning.
+            model with the adapter disabled (one copy of the base weights), the critic is a
+            separate model or, with ``lora.critic: adapter``, a second adapter and a value head on
+            that same base (``critic`` must then stay unset), and ``policy_export_dir`` gets the
+            merged policy (:mod:`rlhf_lightning.lora`). None: full fine-tuning.
         reward_model: a reward-model folder (``RewardModule``'s export; a folder without a trained
             score head, such as the SFT export, is refused), or a list of them: an ensemble that
             scores the members' mean minus ``scores.ensemble_penalty`` times their std (logged as
@@ -135,7 +136,8 @@ class PPOModule(ExportingModule):
         super().__init__()
         check_ppo_settings(generation, ppo, kl, scores, lora, policy=policy, reference=reference, reward_model=reward_model,
                            max_iterations=max_iterations, forward_batch_size=forward_batch_size,
-                           reward_batch_size=reward_batch_size)
+                           reward_batch_size=reward_batch_size, critic=critic,
+                           gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores", "lora"])
         self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores),
                             lora=None if lora is None else asdict(lora))
@@ -150,7 +152,7 @@ class PPOModule(ExportingModule):
         self.last_nonfinite = ""  # what was non-finite in the last failing iteration
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.policy: PreTrainedModel | None = None  # the models are loaded in configure_model
-        self.critic: PreTrainedModel | None = None
+        self.critic: torch.nn.Module | None = None  # a sequence-classification model or an AdapterCritic
         self.eval_metrics = ComparisonMetrics()
 
     # ----------------------------------------------------------------------------- models
@@ -351,10 +353,13 @@ class PPOModule(ExportingModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": hp.learning_rate}]
+        critic = trained_parameters(self.critic) if self.critic is not None else []
+        in_critic = {id(p) for p in critic}  # an AdapterCritic's adapter is on the policy's peft model
+        policy = [p for p in trained_parameters(self.policy) if id(p) not in in_critic]
+        groups = [{"params": policy, "lr": hp.learning_rate}]
         if self.critic is not None:
             critic_lr = hp.learning_rate if hp.critic_learning_rate is None else hp.critic_learning_rate
-            groups.append({"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": critic_lr})
+            groups.append({"params": critic, "lr": critic_lr})
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
         total = self.ppo.steps_per_iteration * self.planned_iterations()
         scheduler = warmup_schedule(optimizer, self.hparams.lr_scheduler, 0, total)
