@@ -12,12 +12,16 @@ the models, AdamW's state and the activations):
     full   full fine-tuning, one process: four models in memory
     lora   LoRA (r 16, all-linear), one process: the reference is the policy's base with the
            adapter disabled (one copy of the base weights); the critic is a separate model
+    lora-critic-adapter
+           LoRA with ``lora.critic: adapter``, one process: the critic is a second adapter and a
+           value head on the policy's base, so policy, reference and critic share one copy of
+           the base weights (the reward model is the only other model)
     ddp    full fine-tuning under DDP, 2 CPU processes (gloo): every process holds everything
     fsdp2  full fine-tuning under FSDP2 (ModelParallelStrategy), 2 CPU processes: each holds
            half of every model's weights between uses
 
     python benchmarks/memory.py                           # every configuration (needs tens of GB)
-    python benchmarks/memory.py --configs full lora       # some of them
+    python benchmarks/memory.py --configs full lora lora-critic-adapter  # some of them
     python benchmarks/memory.py --shape micro             # a tiny shape: checks that the script runs
 
 Prints one row per configuration: the peak RSS of each process in MiB and the wall seconds.
@@ -52,19 +56,21 @@ RESULT_KEY = "peak_rss_mib"
 
 @dataclass(frozen=True)
 class Setup:
-    """A way to hold PPO's models: how many processes, under which Trainer strategy, with LoRA."""
+    """A way to hold PPO's models: how many processes, under which Trainer strategy, and with
+    LoRA: ``lora_critic`` is the ``lora.critic`` setting (None: full fine-tuning, no LoRA)."""
 
     processes: int
     strategy: str
-    lora: bool
+    lora_critic: str | None
     what: str
 
 
 SETUPS = {
-    "full": Setup(1, "auto", False, "full fine-tuning, 4 models"),
-    "lora": Setup(1, "auto", True, "LoRA, reference = policy's base, separate critic"),
-    "ddp": Setup(2, "ddp", False, "full fine-tuning, DDP"),
-    "fsdp2": Setup(2, "fsdp2", False, "full fine-tuning, FSDP2"),
+    "full": Setup(1, "auto", None, "full fine-tuning, 4 models"),
+    "lora": Setup(1, "auto", "separate", "LoRA, reference = policy's base, separate critic"),
+    "lora-critic-adapter": Setup(1, "auto", "adapter", "LoRA, reference and critic on the policy's base"),
+    "ddp": Setup(2, "ddp", None, "full fine-tuning, DDP"),
+    "fsdp2": Setup(2, "fsdp2", None, "full fine-tuning, FSDP2"),
 }
 
 
@@ -107,7 +113,7 @@ def run_one_iteration(setup_name: str, folder: Path, prompts: int, response_len:
     seed_everything(0)
     module = PPOModule(
         policy=str(folder / "policy"), reward_model=str(folder / "reward"), learning_rate=1e-5, max_iterations=1,
-        lora=LoRASettings() if setup.lora else None,
+        lora=None if setup.lora_critic is None else LoRASettings(critic=setup.lora_critic),
         generation=GenerationSettings(max_new_tokens=response_len, min_new_tokens=response_len),
         ppo=PPOSettings(epochs=1, num_minibatches=1), policy_export_dir=None, critic_export_dir=None,
     )

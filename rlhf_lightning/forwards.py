@@ -64,22 +64,29 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters
 
 
+def predicting_response(states: Tensor, response_length: int) -> Tensor:
+    """The rows ``(b, r, ...)`` of ``states`` ``(b, t, ...)`` (logits, hidden states) at the
+    positions that predict the last ``response_length`` tokens: position ``i`` predicts token
+    ``i + 1``, so the ``r`` positions before the last one. They lie within the last ``r + 1``
+    positions, so ``states`` may hold only those."""
+    return states[:, -response_length - 1 : -1]
+
+
 def response_logprobs(
     model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """Log-probs ``(b, r)`` of the last ``response_length`` tokens, and the logits that gave them.
-
-    The logits at position ``i`` predict token ``i + 1``, so the response's predictions are
-    the ``r`` positions before the last one: only the last ``r + 1`` positions get logits.
-    """
-    response_logits = causal_lm_logits(model, input_ids, attention_mask, last=response_length + 1)[:, :-1]
+    """Log-probs ``(b, r)`` of the last ``response_length`` tokens, and the logits that gave them
+    (:func:`predicting_response`; only the last ``r + 1`` positions get logits)."""
+    logits = causal_lm_logits(model, input_ids, attention_mask, last=response_length + 1)
+    response_logits = predicting_response(logits, response_length)
     return logprobs_from_logits(response_logits, input_ids[:, -response_length:], temperature), response_logits
 
 
 def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
-    """Critic values ``(b, r)``: the scalar head on each position that predicts a response token."""
+    """Critic values ``(b, r)``: the scalar head on each position that predicts a response token
+    (:func:`predicting_response`)."""
     hidden = hidden_states(model, input_ids, attention_mask)
-    return scalar_head(model)(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
+    return scalar_head(model)(predicting_response(hidden, response_length)).squeeze(-1).float()
 
 
 def scalar_head(model: PreTrainedModel) -> nn.Module:

@@ -49,7 +49,8 @@ class LoRASettings:
             module names (e.g. ``[q_proj, v_proj]``; GPT-2: ``[c_attn]``).
         export_adapter: besides the merged model, write the adapter alone (peft's
             ``adapter_config.json`` + ``adapter_model.safetensors``) to ``<export_dir>/adapter``.
-        critic: PPO only. ``separate`` (default): the critic is a model of its own, trained in
+        critic: PPO only (the other stages refuse any value but ``separate``: :func:`check_no_lora_critic`).
+            ``separate`` (default): the critic is a model of its own, trained in
             full. ``adapter``: the critic is a second adapter (same ``r``, ``alpha``,
             ``target_modules``) on the policy's base model plus a new value head
             (:class:`AdapterCritic`), so policy, reference and critic share one copy of the base
@@ -116,6 +117,14 @@ def check_lora_critic(lora: LoRASettings | None, critic: str | None, gradient_ch
     if lora.critic == "adapter" and gradient_checkpointing:
         raise UserInputError(f"{key}.gradient_checkpointing is not supported with lora.critic adapter yet; set "
                              "lora.critic separate or gradient_checkpointing false")
+
+
+def check_no_lora_critic(lora: LoRASettings | None, stage: str, key: str) -> None:
+    """Refuse (a one-line :class:`UserInputError` naming ``key.critic``) a ``lora.critic`` other
+    than the default ``separate`` for ``stage``, a stage without a critic (all but PPO)."""
+    if lora is not None and lora.critic != "separate":
+        raise UserInputError(f"{key}.critic is for PPO's critic only; {stage} has none: leave it unset (separate), "
+                             f"got {lora.critic!r}")
 
 
 def is_adapter_model(model: torch.nn.Module) -> bool:
@@ -187,10 +196,11 @@ def adapter_switched(model: Any, adapter: str | None) -> Iterator[None]:
     adapter disabled), then switch back to the adapter active before.
 
     peft's switches also set ``requires_grad`` (on for the adapter they activate, off for the
-    others): every weight that trained before gets it back, so that the optimiser, checkpoints
-    (which leave out frozen weights) and the guards still see each adapter as trained.
+    others): every weight gets back the flag it had before, also when the block raises, so that
+    the optimiser, checkpoints (which leave out frozen weights) and the guards see each adapter
+    as trained, or as frozen, as before.
     """
-    trained = [p for p in model.parameters() if p.requires_grad]
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     active = model.active_adapter
     try:
         if adapter is None:
@@ -202,8 +212,8 @@ def adapter_switched(model: Any, adapter: str | None) -> Iterator[None]:
     finally:
         if adapter is not None:
             model.set_adapter(active)
-        for parameter in trained:
-            parameter.requires_grad_(True)
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
 
 
 def adapter_context(model: torch.nn.Module) -> Any:

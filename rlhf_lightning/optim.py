@@ -86,6 +86,8 @@ def clipped_step(module: LightningModule, max_grad_norm: float) -> torch.Tensor:
     checkpoints keep their cadence. Under fp16 the loss scaler skips it instead.
     """
     optimizer, scheduler = module.optimizers(), module.lr_schedulers()
+    # Measured here, not taken from clipping: Lightning's clip_gradients returns no norm, and the
+    # norm must decide whether the step is kept before anything is clipped.
     grad_norm = gradient_norm(optimizer)
     if torch.isfinite(grad_norm) or loss_scaled(module):
         module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")

@@ -108,10 +108,11 @@ def prepare_tokenizer(config: PipelineConfig) -> bool:
 def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
     """The stages to run: SFT, reward model and PPO; SFT and DPO with a ``dpo`` config; or SFT
     and PPO when the PPO config scores with its own ``reward_fn`` (a rule, or a judge as an
-    oracle reward) and needs no reward model."""
+    oracle reward) or ``implicit_reward`` (an earlier DPO run's export) and needs no reward model."""
     if config.dpo:
         return ("sft", "dpo")
-    return ("sft", "ppo") if stage_init_args(config.ppo).get("reward_fn") else ("sft", "reward", "ppo")
+    own_reward = any(stage_init_args(config.ppo).get(key) for key in ("reward_fn", "implicit_reward"))
+    return ("sft", "ppo") if own_reward else ("sft", "reward", "ppo")
 
 
 def policy_stage(outputs: dict[str, str]) -> str:
@@ -157,7 +158,7 @@ def stage_commands(config: PipelineConfig, outputs: dict[str, str]) -> dict[str,
         "ppo": [
             "fit", "--config", config.ppo, OVERWRITE,
             f"--model.init_args.policy={outputs['sft']}",
-            # a PPO config with a reward_fn keeps it; otherwise it scores with the reward stage
+            # a PPO config with a reward_fn or implicit_reward keeps it; otherwise it scores with the reward stage
             *([f"--model.init_args.reward_model={outputs['reward']}"] if "reward" in outputs else []),
             *judge(ppo_args),
         ],

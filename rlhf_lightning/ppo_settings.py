@@ -115,6 +115,24 @@ class ScoreSettings:
     ensemble_penalty: float = 0.0
 
 
+@dataclass
+class ImplicitRewardSettings:
+    """DPO's implicit reward as PPO's reward source: a response scores ``beta * (log pi_dpo(y|x) -
+    log pi_ref(y|x))`` (Rafailov et al. 2023), a reward model that reads a DPO policy's log-ratio
+    to its reference. Both models are frozen and must share the policy's tokenizer.
+
+    Args:
+        policy: the DPO export folder (``DPOModule``'s ``export_dir``).
+        reference: the DPO run's reference (null: PPO's ``policy``, the SFT export DPO started
+            from; then PPO's KL reference serves both when it is that same folder).
+        beta: DPO's beta (> 0; ``DPOModule``'s default 0.1).
+    """
+
+    policy: str
+    reference: str | None = None
+    beta: float = 0.1
+
+
 def reward_folders(reward_model: str | list[str] | None) -> list[str]:
     """The reward-model folders of PPO's ``reward_model`` setting: none, one folder, or an
     ensemble's members (a list)."""
@@ -138,6 +156,7 @@ def check_ppo_settings(
     reward_batch_size: int,
     critic: str | None = None,
     gradient_checkpointing: bool = False,
+    implicit_reward: ImplicitRewardSettings | None = None,
 ) -> None:
     """Refuse an invalid or inconsistent PPO setting with a :class:`UserInputError` that names its
     ``model.init_args`` key."""
@@ -157,6 +176,8 @@ def check_ppo_settings(
         check_minimum(f"{key}.{name}", value, 0)
     check_minimum(f"{key}.generation.temperature", generation.temperature, 0, inclusive=False)
     check_minimum(f"{key}.generation.top_p", generation.top_p, 0, inclusive=False)
+    if implicit_reward is not None:
+        check_minimum(f"{key}.implicit_reward.beta", implicit_reward.beta, 0, inclusive=False)
     if generation.top_k > 0 or generation.top_p < 1.0:
         warnings.warn(
             f"{key}.generation.top_k={generation.top_k}, top_p={generation.top_p}: responses are sampled from a "

@@ -6,8 +6,10 @@
   mean score minus a multiple of their disagreement.
 * :class:`CallableScorer`: any Python function ``(prompts, completions) -> scores`` on texts,
   such as the built-in task's gold annotator or a rule.
+* :class:`ImplicitRewardScorer`: DPO's implicit reward ``beta * (log pi_dpo(y|x) - log
+  pi_ref(y|x))``, a reward model that reads a DPO policy's log-ratio to its reference.
 
-A third way is to subclass :class:`~rlhf_lightning.modules.PPOModule` and override
+Another way is to subclass :class:`~rlhf_lightning.modules.PPOModule` and override
 ``compute_scores``.
 """
 
@@ -21,8 +23,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import rlhf_math as pm
-from .data.encoding import attention_mask_for, encode_prompt, encode_text, pad
-from .forwards import score_sequences
+from .data.encoding import attention_mask_for, encode_prompt, encode_text, pad, response_end_id
+from .forwards import response_logprobs, score_sequences
 from .generation import Responses
 
 TextRewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -53,12 +55,14 @@ class RewardModelScorer:
     def encode(self, responses: Responses) -> tuple[Tensor, Tensor]:
         """Ids and mask in the reward model's vocabulary: the policy's own ids when the
         tokenizers agree (a chat policy's rendering, its response ending with the end-of-turn
-        token), else prompt + completion text re-tokenized with EOS, as a plain-text pair is in
-        training (the decoded texts have lost any chat template's special tokens)."""
+        token), else prompt + completion text re-tokenized and ended as a plain-text pair is in
+        training (:func:`~rlhf_lightning.data.encoding.response_end_id`: EOS; the decoded texts
+        have lost any chat template's special tokens)."""
         if self.shares_tokens:
             return responses.input_ids, responses.attention_mask
         sequences = [
-            encode_prompt(self.tokenizer, prompt) + encode_text(self.tokenizer, completion) + [self.tokenizer.eos_token_id]
+            encode_prompt(self.tokenizer, prompt) + encode_text(self.tokenizer, completion)
+            + [response_end_id(self.tokenizer, {"prompt": prompt})]
             for prompt, completion in zip(responses.prompts, responses.completions)
         ]
         device = responses.prompt_ids.device
@@ -119,3 +123,31 @@ class CallableScorer:
                 stacklevel=2,
             )
         return scores
+
+
+class ImplicitRewardScorer:
+    """Scores responses with DPO's implicit reward (Rafailov et al. 2023)
+    ``beta * (log pi_dpo(y | x) - log pi_ref(y | x))`` (:func:`~rlhf_lightning.rlhf_math.
+    dpo_implicit_reward`): ``log pi(y | x)`` is the sum of the response tokens' log-probs
+    (:func:`~rlhf_lightning.forwards.response_logprobs` at temperature 1, masked by the response
+    mask), under the frozen DPO policy ``model`` and its frozen ``reference``, ``batch_size`` rows
+    per forward. Both read the policy's token ids: their tokenizer must be the policy's."""
+
+    def __init__(self, model: torch.nn.Module, reference: torch.nn.Module, beta: float, batch_size: int = 64) -> None:
+        self.model, self.reference, self.beta, self.batch_size = model, reference, beta, batch_size
+
+    @torch.no_grad()
+    def sequence_logps(self, model: torch.nn.Module, responses: Responses) -> Tensor:
+        """``log pi(y | x)`` ``(b,)`` of each response under ``model``."""
+        ids, mask, response_mask = responses.input_ids, responses.attention_mask, responses.response_mask
+        response_length = response_mask.shape[1]
+        chunks = [
+            pm.dpo_sequence_logps(response_logprobs(model, rows, rows_mask, response_length, 1.0)[0], rows_response)
+            for rows, rows_mask, rows_response in zip(
+                ids.split(self.batch_size), mask.split(self.batch_size), response_mask.split(self.batch_size))
+        ]
+        return torch.cat(chunks)
+
+    def __call__(self, responses: Responses) -> Tensor:
+        return pm.dpo_implicit_reward(self.sequence_logps(self.model, responses),
+                                      self.sequence_logps(self.reference, responses), self.beta)

@@ -187,6 +187,9 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
 
 
 # ------------------------------------------------------------------------------- sequences
+#: The ids that end a response: the tokenizer's EOS and, for a chat model, its end-of-turn token
+#: (``rlhf_lightning/stop_tokens.py``, :func:`~rlhf_lightning.stop_tokens.stop_token_ids`). The
+#: functions below say "EOS" for any of them.
 StopIds = int | Sequence[int] | Tensor
 
 
@@ -212,7 +215,8 @@ def first_eos_mask(response_tokens: Tensor, stop_ids: StopIds, pad_token_id: int
 
 def has_eos(response_tokens: Tensor, stop_ids: StopIds) -> Tensor:
     """(b,) bool: whether each (b, t) response contains any of ``stop_ids`` (it ended, rather
-    than ran out of tokens)."""
+    than ran out of tokens). ``stop_ids``: the id, or ids, that end a response (EOS, a chat
+    model's end-of-turn token; see :func:`rlhf_lightning.stop_tokens.stop_token_ids`)."""
     return _is_stop(response_tokens, stop_ids).any(dim=-1)
 
 
@@ -292,7 +296,8 @@ def leave_one_out_scores(scores: Tensor, group_size: int) -> Tensor:
 
 def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: float | None,
                               mode: str = "replace") -> Tensor:
-    """Penalise the (b,) ``scores`` of responses without EOS (``contains_eos``: (b,) bool) [N].
+    """Penalise the (b,) ``scores`` of responses without EOS (``contains_eos``: (b,) bool, whether
+    each ended with a stop id, :func:`has_eos`) [N].
 
     "replace": score = penalty; "subtract": score - penalty; ``penalty=None``: unchanged.
     Returns a new tensor (``scores`` itself when unchanged).
@@ -482,11 +487,18 @@ def reduce_token_losses(values: Tensor, mask: Tensor, reduction: str = "token_me
     raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {LOSS_REDUCTIONS}")
 
 
-def dpo_sequence_logps(token_logps: Tensor, mask: Tensor, loss_type: str) -> Tensor:
+def dpo_sequence_logps(token_logps: Tensor, mask: Tensor, loss_type: str = "sigmoid") -> Tensor:
     """(b,) ``log pi(y | x)`` of each response from its (b, t) token log-probs: the sum over the
     response tokens in ``mask``, or their mean for ``ipo`` (as TRL, which averages IPO's log-probs
     over the response length)."""
     return masked_mean(token_logps, mask, dim=-1) if loss_type == "ipo" else masked_sum(token_logps, mask, dim=-1)
+
+
+def dpo_implicit_reward(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
+    """(b,) float32 implicit rewards ``beta * (log pi(y | x) - log pi_ref(y | x))`` of responses from
+    their sequence log-probs (:func:`dpo_sequence_logps`) under the DPO policy and its reference
+    (Rafailov et al. 2023: the reward a DPO policy is optimal for, up to a function of ``x``)."""
+    return beta * (policy_logps.float() - ref_logps.float())
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -508,7 +520,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     Args: the four log-probs (b,); beta > 0.
     Returns:
         loss: 0-dim float32 mean over pairs.
-        chosen_rewards, rejected_rewards: (b,) detached implicit rewards ``beta * (pi - ref)``.
+        chosen_rewards, rejected_rewards: (b,) detached implicit rewards (:func:`dpo_implicit_reward`).
     """
     pi_c, pi_r, ref_c, ref_r = (x.float() for x in (policy_chosen_logps, policy_rejected_logps,
                                                     ref_chosen_logps, ref_rejected_logps))
@@ -524,7 +536,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         losses = (h - 1 / (2 * beta)).square()
     else:
         raise ValueError(f"unknown DPO loss type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-    return losses.mean(), (beta * (pi_c - ref_c)).detach(), (beta * (pi_r - ref_r)).detach()
+    chosen_rewards, rejected_rewards = dpo_implicit_reward(pi_c, ref_c, beta), dpo_implicit_reward(pi_r, ref_r, beta)
+    return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
 
 
 # --------------------------------------------------------------------------- reward model

@@ -38,7 +38,8 @@ class RolloutBatch:
     ``logprobs``/``values`` are the policy's and critic's at rollout time (the "old" ones of
     the PPO ratio), ``scores`` ``(b,)`` the reward after the missing-EOS rule, ``contains_eos``
     ``(b,)`` whether each response ended with a stop token (EOS, or a chat model's end-of-turn
-    token) rather than ran out of ``max_new_tokens``, ``rewards`` the
+    token: the sampling model's stop ids, ``rlhf_lightning/stop_tokens.py``) rather than ran out
+    of ``max_new_tokens`` (:func:`~rlhf_lightning.rlhf_math.has_eos`), ``rewards`` the
     shaped per-token rewards, ``advantages`` those of the loop's estimator (whitened GAE by
     default). Without a critic ``values`` and ``returns`` are zeros.
     """
@@ -230,7 +231,8 @@ class RolloutLoop:
 def rollout_statistics(rollout: RolloutBatch, kl_coef: float, with_critic: bool) -> dict[str, Tensor]:
     """Per-iteration statistics of the experience, named as in TRL (``val/explained_variance``
     only ``with_critic``). ``val/num_eos_tokens`` counts the responses that ended with a stop
-    token (each holds one at most: what followed it is padding)."""
+    token (``contains_eos``: EOS or a chat model's end-of-turn token; a response holds one at
+    most, what followed it is padding)."""
     mask = rollout.response_mask
     kl_sum = pm.masked_sum(rollout.kl, mask, dim=1)
     non_score = pm.masked_sum(rollout.non_score_reward, mask, dim=1)

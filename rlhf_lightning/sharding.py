@@ -4,9 +4,10 @@ state of their own).
 
 Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``, each stage's
 ``configure_model`` (``PPOModule``'s, and ``HFModelModule``'s for SFT, reward and DPO) shards
-each of its models over the strategy's ``data_parallel`` mesh with :func:`shard_model`: every
-transformer block is its own FSDP unit (a critic's or reward model's backbone and head too,
-:func:`fsdp_units`), then the root takes the rest (embeddings, final norm, a causal LM's head).
+each of its models over the strategy's ``data_parallel`` mesh (:func:`shard_models`, which calls
+:func:`shard_model` on each): every transformer block is its own FSDP unit (a critic's or reward
+model's backbone and head too, :func:`fsdp_units`), then the root takes the rest (embeddings,
+final norm, a causal LM's head).
 A unit's weights are all-gathered for its forward (and again for its backward) and freed after,
 so a rank holds ``1/N`` of every weight between uses, and FSDP averages the gradients over the
 ranks (the job DDP does otherwise). :func:`check_strategy` refuses the strategies no stage
@@ -80,10 +81,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The submodules of ``model`` that become FSDP units of their own, innermost first (the root
-    follows them): its :func:`transformer_blocks`, and for a scalar model (a reward model or
-    critic, with a ``score`` head) its backbone and its head, because :mod:`rlhf_lightning.forwards`
-    calls those two on their own, and FSDP gathers a unit's weights only when that unit's forward
-    runs. A causal LM keeps its head in the root: GPT-2's is tied to the input embedding."""
+    follows them): a Hugging Face model's :func:`transformer_blocks`, and for a scalar model (a
+    reward model or critic, with a ``score`` head) its backbone and its head, because
+    :mod:`rlhf_lightning.forwards` calls those two on their own, and FSDP gathers a unit's weights
+    only when that unit's forward runs. A causal LM keeps its head in the root: GPT-2's is tied
+    to the input embedding. Any other module (the reward stage's likelihood head) has none: it
+    is one unit, the root."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return []
     units = transformer_blocks(model)
     if isinstance(getattr(model, "score", None), nn.Module):
         units += [backbone(model), model.score]
@@ -105,6 +112,17 @@ def shard_model(model: nn.Module, mesh: Any) -> None:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model._is_fsdp_managed_module = True  # read by transformers' is_fsdp_managed_module (generate's synced_gpus)
+
+
+def shard_models(device_mesh: Any, models: list[nn.Module]) -> None:
+    """Under ``ModelParallelStrategy`` (``device_mesh``: the module's, None under any other
+    strategy), shard each of ``models`` over the mesh's ``data_parallel`` ranks
+    (:func:`shard_model`); else nothing. The one rule for what every stage's
+    ``configure_model`` does with its models."""
+    if device_mesh is None:
+        return
+    for model in models:
+        shard_model(model, device_mesh["data_parallel"])
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ several ids that end a response (``eos_token_id: [151645, 151643]`` for Qwen2.5-
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import jinja2
@@ -26,11 +27,32 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return added | set(tokenizer.all_special_ids)
 
 
+#: tokenizer -> (what the result depends on, :func:`chat_turn_end_id`); weak keys, so that a
+#: tokenizer is freed as usual (and a new one never reuses an old one's entry).
+_TURN_END_IDS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, int], int | None]] = weakref.WeakKeyDictionary()
+
+
 def chat_turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The special token that the tokenizer's chat template writes right after an assistant
     message's content: what ends an assistant turn (``<|im_end|>`` for ChatML templates, EOS
     for the byte tokenizer's). None without a chat template, for a template that cannot render a
-    one-turn conversation, or when it writes no special token after the answer."""
+    one-turn conversation, or when it writes no special token after the answer.
+
+    Rendering the template costs far more than the lookups of encoding a record, so the result
+    is kept per tokenizer object, until its template or vocabulary size changes (a tokenizer
+    that cannot be a weak key is probed each time)."""
+    depends_on = (getattr(tokenizer, "chat_template", None), len(tokenizer))
+    try:
+        cached = _TURN_END_IDS.get(tokenizer)
+        if cached is None or cached[0] != depends_on:
+            cached = _TURN_END_IDS[tokenizer] = (depends_on, _probe_turn_end_id(tokenizer))
+    except TypeError:  # unhashable, or no weak reference to it
+        return _probe_turn_end_id(tokenizer)
+    return cached[1]
+
+
+def _probe_turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """:func:`chat_turn_end_id`, found by rendering a one-turn conversation."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:

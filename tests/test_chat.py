@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_lightning import rlhf_math as pm
+from rlhf_lightning import stop_tokens
 from rlhf_lightning.data import IGNORE_INDEX, PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.data.encoding import (attention_mask_for, demonstration_pair, encode_preference, encode_prompt_record,
                                           encode_sft, pad)
@@ -109,6 +110,17 @@ def test_stop_token_ids_join_eos_the_templates_turn_end_and_the_generation_confi
     broken = chat_tokenizer()
     broken.chat_template = "{{ raise_exception('system turn required') }}"
     assert chat_turn_end_id(broken) is None
+
+
+def test_the_turn_end_id_is_found_once_per_tokenizer_and_again_when_its_template_changes(monkeypatch):
+    probes = []
+    probe = stop_tokens._probe_turn_end_id
+    monkeypatch.setattr(stop_tokens, "_probe_turn_end_id", lambda tokenizer: probes.append(1) or probe(tokenizer))
+    tokenizer = chat_tokenizer()
+    assert [chat_turn_end_id(tokenizer) for _ in range(3)] == [im_end(tokenizer)] * 3 and len(probes) == 1
+    assert chat_turn_end_id(chat_tokenizer()) == im_end(tokenizer) and len(probes) == 2  # another tokenizer
+    tokenizer.chat_template = None
+    assert chat_turn_end_id(tokenizer) is None and len(probes) == 3
 
 
 def test_loading_keeps_every_stop_id_of_a_chat_models_generation_config(qwen_dir: Path):
@@ -354,3 +366,20 @@ def test_pipeline_on_a_chat_model(tmp_path: Path, qwen_dir: Path, capfd):
     exported = json.loads((run / "ppo/policy/generation_config.json").read_text())
     assert im_end(tokenizer) in exported["eos_token_id"]
     assert summary["ppo"]["eval/eos_rate"] > 0.5  # PPO's validation counts <|im_end|> as an ended response
+
+
+def test_reward_validation_judge_reads_chat_prompts_as_rendered_text(tmp_path: Path, qwen_dir: Path):
+    files = chat_files(tmp_path / "data")
+    seen: list[str] = []
+
+    def judge(prompts, completions):
+        seen.extend(prompts)
+        return [float(len(c)) for c in completions]
+
+    module = RewardModule(str(qwen_dir), export_dir=None, judge=judge)
+    data = PreferenceDataModule(train_file=str(files["prefs"]), val_file=str(files["prefs_val"]), batch_size=4, max_length=64)
+    trainer = quiet_trainer()
+    trainer.validate(module, datamodule=data)
+    tokenizer = load_tokenizer(str(qwen_dir))
+    assert sorted(seen) == sorted(render(tokenizer, user(q), add_generation_prompt=True) for q in QUESTIONS * 2)
+    assert trainer.callback_metrics["val/gold_accuracy"].item() >= 0  # the judge's scores were matched to the rows

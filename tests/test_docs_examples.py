@@ -228,9 +228,9 @@ def test_every_ppo_setting_has_a_one_line_meaning_that_help_shows(capsys):
 
     from rlhf_lightning.cli import main
     from rlhf_lightning.generation import GenerationSettings
-    from rlhf_lightning.ppo_settings import KLSettings, PPOSettings, ScoreSettings
+    from rlhf_lightning.ppo_settings import ImplicitRewardSettings, KLSettings, PPOSettings, ScoreSettings
 
-    for cls in (GenerationSettings, PPOSettings, KLSettings, ScoreSettings):
+    for cls in (GenerationSettings, PPOSettings, KLSettings, ScoreSettings, ImplicitRewardSettings):
         documented = {p.arg_name: p.description for p in parse(cls.__doc__).params}
         for field in dataclasses.fields(cls):
             assert documented.get(field.name), f"{cls.__name__}.{field.name} has no line in the docstring"

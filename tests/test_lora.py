@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.errors import UserInputError
-from rlhf_lightning.lora import CRITIC_ADAPTER, LoRASettings, adapter_parameters, backbone, transformers_model
+from rlhf_lightning.lora import (CRITIC_ADAPTER, LoRASettings, adapter_parameters, adapter_switched, add_adapter, backbone,
+                                 lora_config, transformers_model)
 from rlhf_lightning.forwards import response_logprobs, score_sequences, takes_logits_to_keep, token_values
 from rlhf_lightning.generation import sample
 from rlhf_lightning.models import byte_tokenizer, is_complete_hf_folder, load_causal_lm, load_tokenizer
@@ -424,3 +425,41 @@ def test_lora_critic_settings_are_checked_in_one_line(tmp_path: Path, byte_gpt2_
     with pytest.raises(UserInputError) as error:
         small_ppo(byte_gpt2_dir, tmp_path, **settings)
     assert "\n" not in str(error.value) and str(error.value).startswith(key)
+
+
+def _requires_grad(model) -> dict[str, bool]:
+    return {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+
+
+@needs_peft
+def test_adapter_switches_give_every_weight_back_its_own_requires_grad(byte_gpt2_dir: Path):
+    """peft's switches turn ``requires_grad`` on for the adapter they activate: a frozen peft
+    policy stays frozen after a reference or critic forward, and an exception inside the block
+    still restores the active adapter and every flag."""
+    policy = add_adapter(load_causal_lm(str(byte_gpt2_dir), load_tokenizer(str(byte_gpt2_dir))), LORA, "lora")
+    policy.add_adapter(CRITIC_ADAPTER, lora_config(LORA, "lora"))
+    policy.requires_grad_(False)
+    for adapter in (None, CRITIC_ADAPTER):
+        with adapter_switched(policy, adapter):
+            pass
+        assert not any(_requires_grad(policy).values()), adapter
+        assert policy.active_adapter == "default"
+    for i, parameter in enumerate(policy.parameters()):  # a mix of trained and frozen weights
+        parameter.requires_grad_(i % 3 == 0)
+    flags = _requires_grad(policy)
+    for adapter in (None, CRITIC_ADAPTER):
+        with pytest.raises(RuntimeError, match="inside"):
+            with adapter_switched(policy, adapter):
+                assert policy.active_adapter == (adapter or "default")
+                raise RuntimeError("inside the block")
+        assert policy.active_adapter == "default" and _requires_grad(policy) == flags, adapter
+
+
+@pytest.mark.parametrize("stage", [SFTModule, RewardModule, DPOModule])
+def test_lora_critic_is_refused_outside_ppo_in_one_line(stage):
+    for critic in ("adapter", "shared"):
+        with pytest.raises(UserInputError) as error:
+            stage(lora=LoRASettings(critic=critic))
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("model.init_args.lora.critic ") and stage.__name__ in message
+    assert stage(lora=LoRASettings()).lora.critic == "separate"

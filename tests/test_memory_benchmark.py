@@ -40,7 +40,7 @@ def test_every_setup_runs_one_iteration_at_the_micro_shape_and_reports_its_peaks
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
-    processes = {"full": 1, "lora": 1, "ddp": 2, "fsdp2": 2}
+    processes = {"full": 1, "lora": 1, "lora-critic-adapter": 1, "ddp": 2, "fsdp2": 2}
     for name, count in processes.items():
         peaks = rows[name].split("|")[4]
         assert "failed" not in peaks, rows[name]

@@ -177,6 +177,17 @@ def test_pipeline_without_a_reward_stage_when_ppo_has_a_reward_fn(tmp_path: Path
     assert f"--model.init_args.judge={USER_JUDGE}" in commands["ppo"]
 
 
+def test_pipeline_without_a_reward_stage_when_ppo_has_an_implicit_reward(tmp_path: Path):
+    from rlhf_lightning.pipeline import PipelineConfig, pipeline_stages, stage_commands, stage_outputs
+
+    config = PipelineConfig(**yaml.safe_load(tiny_stage_configs(tmp_path).read_text()))
+    ppo = yaml.safe_load(Path(config.ppo).read_text())
+    ppo["model"]["init_args"]["implicit_reward"] = {"policy": str(tmp_path / "dpo-export")}  # an earlier DPO run's
+    Path(config.ppo).write_text(yaml.safe_dump(ppo))
+    assert pipeline_stages(config) == ("sft", "ppo")
+    assert not any("reward_model" in arg for arg in stage_commands(config, stage_outputs(config))["ppo"])
+
+
 def test_pipeline_passes_the_users_sft_data_to_reward_normalisation(tmp_path: Path):
     from rlhf_lightning.pipeline import PipelineConfig, stage_commands, stage_outputs
 

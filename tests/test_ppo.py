@@ -59,7 +59,7 @@ def small_ppo(policy: Path, tmp_path: Path, cls: type[PPOModule] = PPOModule, **
         critic_export_dir=str(tmp_path / "critic"), forward_batch_size=3,
     )
     settings.update(overrides)
-    if "reward_model" not in settings and "reward_fn" not in settings:
+    if not settings.keys() & {"reward_model", "reward_fn", "implicit_reward"}:
         settings["reward_fn"] = gold_rewards
     return cls(**settings)
 

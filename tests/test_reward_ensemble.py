@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.data.encoding import encode_preference
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.generation import Responses
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer, save_hf_folder
@@ -68,6 +69,20 @@ def test_ensemble_scorer_is_mean_minus_k_std_of_its_members(tmp_path: Path, byte
     torch.testing.assert_close(ensemble.last_spread, (alone[0] - alone[1]).abs() / 2)  # population std of two
     assert ensemble.statistics()["objective/scores_spread"].item() == pytest.approx(ensemble.last_spread.mean().item())
     torch.testing.assert_close(EnsembleScorer(members)(responses), alone.mean(0))  # penalty 0: the mean
+
+
+def test_a_reward_model_with_another_tokenizer_reads_each_response_as_a_training_pair(tmp_path: Path,
+                                                                                      byte_gpt2_dir: Path):
+    """Re-tokenized responses are encoded by the training pairs' rule (EOS after a plain prompt)."""
+    policy_tokenizer = load_tokenizer(str(byte_gpt2_dir))
+    folder = reward_folder(tmp_path / "bpe-rm", save_tiny_gpt2(tmp_path / "bpe-lm", bpe_tokenizer_without_pad()), 2)
+    scorer = load_reward_scorer(str(folder), policy_tokenizer)
+    responses = byte_responses(policy_tokenizer)
+    ids, mask = scorer.encode(responses)
+    pairs = [encode_preference({"prompt": p, "chosen": c, "rejected": c}, scorer.tokenizer, 10_000)["chosen"]
+             for p, c in zip(responses.prompts, responses.completions)]
+    assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == pairs
+    assert all(pair[-1] == scorer.tokenizer.eos_token_id for pair in pairs)
 
 
 def test_ensemble_members_load_frozen_and_the_critic_starts_from_the_first(

@@ -12,6 +12,7 @@ from rlhf_lightning.rlhf_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
+    dpo_implicit_reward,
     dpo_loss,
     dpo_sequence_logps,
     ensemble_score,
@@ -537,6 +538,15 @@ def test_dpo_sequence_logps_sum_or_ipo_mean():
     mask = torch.tensor([[True, True, True], [False, True, False]])  # prompt and padding masked
     close(dpo_sequence_logps(token_logps, mask, "sigmoid"), [-6.0, -4.0])
     close(dpo_sequence_logps(token_logps, mask, "ipo"), [-2.0, -4.0])
+
+
+def test_dpo_implicit_reward_hand_values():
+    # beta 0.1: 0.1 * (-4 - -5) = 0.1; 0.1 * (-6 - -5) = -0.1; equal log-probs: 0
+    policy, reference = torch.tensor([-4.0, -6.0, -3.0]), torch.tensor([-5.0, -5.0, -3.0])
+    rewards = dpo_implicit_reward(policy, reference, 0.1)
+    assert rewards.dtype == torch.float32
+    close(rewards, [0.1, -0.1, 0.0])
+    close(dpo_implicit_reward(policy.double(), reference.double(), 2.0), [2.0, -2.0, 0.0])  # float32 out
 
 
 def test_dpo_loss_hand_values():

@@ -37,8 +37,9 @@ def mean_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 @pytest.mark.slow
 def test_stages_under_fsdp2_match_one_process_and_export_gathered_weights(tmp_path: Path, byte_gpt2_dir: Path):
-    """Also: SFT samples at validation on the sharded model without hanging, and the reward stage
-    with likelihood distillation shards its teacher and head (tests/fsdp_stages_run.py)."""
+    """Also: SFT samples at validation on the sharded model (every rank the same prompts and seed,
+    so the ranks stop together), and the reward stage with likelihood distillation shards its
+    teacher and head (tests/fsdp_stages_run.py)."""
     data = tmp_path / "data"
     data.mkdir()
     write_lines(data / "sft.jsonl", [{"prompt": f"Review {i}: ", "completion": w} for i, w in enumerate(WORDS)])

@@ -13,19 +13,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint_io import drop_frozen_weights, restore_frozen_weights
-from ..lora import AdapterDisabled, LoRASettings, add_adapter
+from ..lora import AdapterDisabled, LoRASettings, add_adapter, check_no_lora_critic
 from ..models import ModelLoadError, enable_gradient_checkpointing, load_reference, load_tokenizer
-from ..optim import adamw, check_precision, warmup_schedule
-from ..sharding import check_strategy, shard_model
+from ..optim import adamw, warmup_schedule
+from ..sharding import shard_models
 from .export import ExportingModule
 
 
 class HFModelModule(ExportingModule):
     """Base of a stage that fine-tunes ``self.model`` (built in :meth:`build_models`).
 
-    Under ``ModelParallelStrategy`` (FSDP2) ``configure_model`` shards the models (:meth:`shard`)
-    and the export is gathered whole to rank 0; :meth:`setup` refuses the strategies no stage
-    supports (:func:`~rlhf_lightning.sharding.check_strategy`).
+    Under ``ModelParallelStrategy`` (FSDP2) ``configure_model`` shards the models
+    (:meth:`sharded_models`) and the export is gathered whole to rank 0.
 
     Subclasses call ``save_hyperparameters()`` with at least ``model_name_or_path``,
     ``tokenizer_name_or_path``, ``learning_rate``, ``weight_decay``, ``adam_betas``,
@@ -35,7 +34,6 @@ class HFModelModule(ExportingModule):
     """
 
     _tokenizer: PreTrainedTokenizerBase | None = None
-    lora: LoRASettings | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,7 +57,10 @@ class HFModelModule(ExportingModule):
         return self._tokenizer
 
     def use_lora(self, lora: LoRASettings | None) -> None:
-        """Train a LoRA adapter (``lora``) instead of every weight; None: full fine-tuning."""
+        """Train a LoRA adapter (``lora``) instead of every weight; None: full fine-tuning.
+        ``lora.critic`` is PPO's: any value but the default is refused
+        (:func:`~rlhf_lightning.lora.check_no_lora_critic`)."""
+        check_no_lora_critic(lora, type(self).__name__, "model.init_args.lora")
         self.lora = lora
         self.hparams.update(lora=None if lora is None else asdict(lora))
 
@@ -75,28 +76,22 @@ class HFModelModule(ExportingModule):
             model = add_adapter(model, self.lora, "model.init_args.lora", task_type)
         return model
 
-    def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy, type(self).__name__, self.lora)
-        check_precision(self.trainer.precision)
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.build_models()
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel ranks
-            self.shard(self.device_mesh["data_parallel"])
+        shard_models(self.device_mesh, self.sharded_models())
 
     def build_models(self) -> None:
         """Set ``self.model`` (and load a frozen reference if the stage has one): called once,
         from ``configure_model``, before any sharding."""
         raise NotImplementedError
 
-    def shard(self, mesh: Any) -> None:
-        """Shard the model and the frozen reference with FSDP2 over the 1-d device ``mesh``
-        (:func:`~rlhf_lightning.sharding.shard_model`). A stage that trains another module shards
-        it too: without DDP, FSDP is what averages its gradients over the ranks."""
-        for model in (self.model, *self._reference):
-            shard_model(model, mesh)
+    def sharded_models(self) -> list[torch.nn.Module]:
+        """The modules sharded under FSDP2 (:func:`~rlhf_lightning.sharding.shard_models`): the
+        model and the frozen reference. A stage that trains another module adds it: without DDP,
+        FSDP is what averages its gradients over the ranks."""
+        return [self.model, *self._reference]
 
     def load_frozen_reference(self, name_or_path: str, policy: PreTrainedModel | None = None) -> None:
         """Load the frozen causal LM that :attr:`reference` returns (DPO's reference, the reward

@@ -2,18 +2,23 @@
 
 Every stage is an :class:`ExportingModule`: its fit
 
+* refuses the Trainer strategies and precisions no stage supports (:meth:`ExportingModule.setup`);
 * refuses to start while another run writes one of its folders (:class:`ExportLock`, held from
   setup until the fit ends or fails);
 * refuses, before training and again just before writing, to replace a folder that already
   holds a finished stage, unless ``overwrite_export`` (:func:`check_export_dirs`);
 * writes checkpoints and folders atomically.
+
+What touches the filesystem (the lock, the finished-folder check, the export) is decided on the
+global-zero process, and every process learns the outcome (:func:`on_global_zero`), so that all
+of them stop or all go on.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +30,8 @@ from ..checkpoint_io import use_atomic_checkpoints
 from ..errors import UserInputError
 from ..lora import ADAPTER_SUBFOLDER, AdapterCritic, LoRASettings, is_adapter_model, merged_model
 from ..models import is_complete_hf_folder, save_hf_folder
-from ..sharding import gathered_state_dict
+from ..optim import check_precision
+from ..sharding import check_strategy, gathered_state_dict
 
 
 class ExportExistsError(UserInputError):
@@ -34,6 +40,34 @@ class ExportExistsError(UserInputError):
 
 class ExportBusyError(UserInputError):
     """Another run is writing the export folder."""
+
+
+class GlobalZeroFailed(RuntimeError):
+    """What the global-zero process did for every process failed there (see :func:`on_global_zero`)."""
+
+
+def on_global_zero(trainer: Trainer, action: Callable[[], None]) -> None:
+    """Run ``action`` on the global-zero process alone, then share its outcome with every process
+    (``strategy.broadcast``, which each of them joins): when ``action`` raised, the global-zero
+    process raises that error again, and every other one raises it too (a
+    :class:`UserInputError`, whose one-line message the CLI prints) or a :class:`GlobalZeroFailed`
+    naming it. So no process goes on to a collective (a barrier, a gather, the next training
+    step) that the others never reach, which would hang the run."""
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            action()
+        except Exception as err:  # shared below, then raised again
+            error = err
+    if error is None or isinstance(error, UserInputError):
+        shared: Exception | None = error
+    else:
+        shared = GlobalZeroFailed(f"global rank 0 failed: {type(error).__name__}: {error}")
+    shared = trainer.strategy.broadcast(shared)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
 
 
 class FolderLock:
@@ -102,18 +136,15 @@ class ExportLock(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or trainer.fast_dev_run:
             return
-        busy = None
-        if trainer.is_global_zero:
-            try:
-                for key, folder in pl_module.export_dirs().items():
-                    lock = FolderLock(folder, key)
-                    lock.acquire()
-                    self.locks.append(lock)
-            except ExportBusyError as err:
-                busy = str(err)
-        busy = trainer.strategy.broadcast(busy)  # every process stops, not only the one that knows
-        if busy:
-            raise ExportBusyError(busy)
+        # every process stops, not only the one that knows
+        on_global_zero(trainer, lambda: self.acquire(pl_module.export_dirs()))
+
+    def acquire(self, export_dirs: Mapping[str, str]) -> None:
+        """Lock each folder of ``export_dirs`` (config key -> folder), or raise :class:`ExportBusyError`."""
+        for key, folder in export_dirs.items():
+            lock = FolderLock(folder, key)
+            lock.acquire()
+            self.locks.append(lock)
 
     def release(self) -> None:
         for lock in self.locks:
@@ -131,8 +162,11 @@ class ExportingModule(LightningModule):
     """A stage whose fit ends by writing Hugging Face folders, each named by a hyperparameter
     (:meth:`export_keys`); ``hparams.overwrite_export`` allows replacing finished ones.
 
-    Subclasses that override ``configure_callbacks`` or ``on_fit_start`` call ``super()``.
+    Subclasses that override ``setup``, ``configure_callbacks`` or ``on_fit_start`` call
+    ``super()``. A stage that trains LoRA adapters sets :attr:`lora`.
     """
+
+    lora: LoRASettings | None = None
 
     def export_keys(self) -> tuple[str, ...]:
         """The hyperparameters that name the folders this fit writes."""
@@ -141,6 +175,13 @@ class ExportingModule(LightningModule):
     def export_dirs(self) -> dict[str, str]:
         """Config key -> folder of each folder this fit writes (unset ones left out)."""
         return {key: self.hparams[key] for key in self.export_keys() if self.hparams.get(key)}
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before any model loads, the Trainer strategies
+        (:func:`~rlhf_lightning.sharding.check_strategy`) and precisions
+        (:func:`~rlhf_lightning.optim.check_precision`) no stage supports."""
+        check_strategy(self.trainer.strategy, type(self).__name__, self.lora)
+        check_precision(self.trainer.precision)
 
     def configure_callbacks(self) -> list[Callback]:
         return [ExportLock()]
@@ -160,11 +201,18 @@ def check_export_dirs(module: LightningModule, export_dirs: Mapping[str, str]) -
     writing (:func:`export_at_fit_end`), for a folder finished meanwhile by a run that took no
     lock. Nothing is refused with ``overwrite_export``, under ``fast_dev_run`` (it exports
     nothing) or when resuming from a checkpoint (``ckpt_path``: the run continues the one that
-    wrote the folder).
+    wrote the folder). The global-zero process looks, and every process raises or none does
+    (:func:`on_global_zero`).
     """
     trainer = module.trainer
     if module.hparams.overwrite_export or trainer.fast_dev_run or trainer.ckpt_path is not None:
         return
+    on_global_zero(trainer, lambda: refuse_finished_folders(export_dirs))
+
+
+def refuse_finished_folders(export_dirs: Mapping[str, str]) -> None:
+    """Raise :class:`ExportExistsError` for the first folder of ``export_dirs`` (config key ->
+    folder) that already holds a finished model."""
     for key, folder in export_dirs.items():
         if is_complete_hf_folder(folder):
             raise ExportExistsError(
@@ -199,8 +247,11 @@ def export_at_fit_end(
         rank_zero_info(f"fast_dev_run: not exporting to {export_dir}")
         return
     check_export_dirs(module, {key: export_dir})
-    state_dict = gathered_state_dict(model)  # FSDP2: every rank sends its shards to rank zero
-    if trainer.is_global_zero:
+    # FSDP2: every rank sends its shards, and rank zero gets the full state dict (the others an
+    # empty one). None: the model is not sharded, and rank zero saves its own weights.
+    state_dict = gathered_state_dict(model)
+
+    def save() -> None:
         if is_adapter_model(model) or isinstance(model, AdapterCritic):
             save_hf_folder(export_dir, merged_model(model), tokenizer)
             if lora is not None and lora.export_adapter:
@@ -208,4 +259,7 @@ def export_at_fit_end(
         else:
             save_hf_folder(export_dir, model, tokenizer, state_dict=state_dict)
         rank_zero_info(f"exported Hugging Face folder: {export_dir}")
-    trainer.strategy.barrier("hf_export")
+
+    # Rank zero saves while the others wait in the broadcast of its outcome (the barrier of the
+    # export): a failed save stops every process, none is left waiting.
+    on_global_zero(trainer, save)

@@ -30,19 +30,19 @@ from ..generation import GenerationSettings, Responses
 from ..guards import NONFINITE_STEPS, default_guards
 from ..lora import LoRASettings, trained_parameters
 from ..models import load_tokenizer
-from ..optim import check_precision, clipped_step, empty_steps, warmup_schedule
+from ..optim import clipped_step, empty_steps, warmup_schedule
 from ..ppo_models import load_ppo_models
-from ..ppo_settings import (KLSettings, PPOSettings, ScoreSettings, check_ppo_settings, loss_reduction,
-                            planned_iterations)
+from ..ppo_settings import (ImplicitRewardSettings, KLSettings, PPOSettings, ScoreSettings, check_ppo_settings,
+                            loss_reduction, planned_iterations)
 from ..reward_sources import TextRewardFn
 from ..rng import restore_rank_state, rng_states_of_all_ranks
 from ..rollout import RolloutBatch, RolloutLoop, rollout_statistics
-from ..sharding import check_strategy, is_sharded, shard_model
+from ..sharding import is_sharded, shard_models
 from ..terminal import KnownWarningsSilenced
 from ..text_logging import log_text_samples
 from .export import ExportingModule, export_at_fit_end
 
-__all__ = ["KLSettings", "PPOModule", "PPOSettings", "ScoreSettings"]
+__all__ = ["ImplicitRewardSettings", "KLSettings", "PPOModule", "PPOSettings", "ScoreSettings"]
 
 
 class PPOModule(ExportingModule):
@@ -61,12 +61,18 @@ class PPOModule(ExportingModule):
         reward_model: a reward-model folder (``RewardModule``'s export; a folder without a trained
             score head, such as the SFT export, is refused), or a list of them: an ensemble that
             scores the members' mean minus ``scores.ensemble_penalty`` times their std (logged as
-            ``objective/scores_spread``); or else ``reward_fn``.
+            ``objective/scores_spread``); or else ``reward_fn`` or ``implicit_reward``.
         reward_fn: a Python callable ``(prompts, completions) -> scores`` (in YAML: its import
-            path, e.g. ``rlhf_lightning.tasks.gold_rewards``), or else ``reward_model``.
+            path, e.g. ``rlhf_lightning.tasks.gold_rewards``), or else ``reward_model`` or
+            ``implicit_reward``.
+        implicit_reward: DPO's implicit reward ``beta * (log pi_dpo(y|x) - log pi_ref(y|x))``
+            (``ImplicitRewardSettings``: ``policy``, the DPO export folder; ``reference``, null:
+            ``policy`` above, the SFT export DPO started from; ``beta``, default 0.1), summed
+            over the response tokens; both models frozen, their tokenizer the policy's. Or else
+            ``reward_model`` or ``reward_fn``.
         critic: the value model's initial weights (default: the reward model, or an ensemble's
             first member, when it shares the policy's tokenizer, else the policy with a new
-            scalar head). Only ``gae`` has a critic: with a critic-free ``ppo.advantage_estimator``
+            scalar head, as with ``reward_fn`` or ``implicit_reward``). Only ``gae`` has a critic: with a critic-free ``ppo.advantage_estimator``
             none is built, trained, checkpointed or exported (``critic``, ``critic_learning_rate``,
             ``critic_export_dir`` and the value settings are not read).
         learning_rate: the policy's AdamW (eps 1e-5) learning rate, decayed by ``lr_scheduler``.
@@ -79,7 +85,7 @@ class PPOModule(ExportingModule):
         max_iterations: how long PPO runs, in PPO iterations (one batch of prompts each). Null:
             the Trainer's ``max_steps`` / ``max_epochs`` decide.
         forward_batch_size: rows per no-grad forward of the rollout (bounds memory).
-        reward_batch_size: rows per reward-model forward.
+        reward_batch_size: rows per reward-model (or implicit-reward) forward.
         gradient_checkpointing: the policy and the critic recompute their activations in the
             backward instead of keeping them (trades compute for memory; generation and the
             rollout's no-grad forwards are unaffected).
@@ -113,6 +119,7 @@ class PPOModule(ExportingModule):
         lora: LoRASettings | None = None,
         reward_model: str | list[str] | None = None,
         reward_fn: TextRewardFn | None = None,
+        implicit_reward: ImplicitRewardSettings | None = None,
         critic: str | None = None,
         learning_rate: float = 1e-5,
         critic_learning_rate: float | None = None,
@@ -137,11 +144,13 @@ class PPOModule(ExportingModule):
         check_ppo_settings(generation, ppo, kl, scores, lora, policy=policy, reference=reference, reward_model=reward_model,
                            max_iterations=max_iterations, forward_batch_size=forward_batch_size,
                            reward_batch_size=reward_batch_size, critic=critic,
-                           gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores", "lora"])
+                           gradient_checkpointing=gradient_checkpointing, implicit_reward=implicit_reward)
+        self.save_hyperparameters(ignore=["reward_fn", "judge", "generation", "ppo", "kl", "scores", "lora",
+                                          "implicit_reward"])
         self.hparams.update(generation=asdict(generation), ppo=asdict(ppo), kl=asdict(kl), scores=asdict(scores),
-                            lora=None if lora is None else asdict(lora))
-        self.lora = lora
+                            lora=None if lora is None else asdict(lora),
+                            implicit_reward=None if implicit_reward is None else asdict(implicit_reward))
+        self.lora, self.implicit_reward = lora, implicit_reward
         self.generation, self.ppo, self.kl, self.score_settings = generation, ppo, kl, scores
         self.loss_reduction = loss_reduction(ppo)
         self.reward_fn, self.judge = reward_fn, judge
@@ -171,10 +180,11 @@ class PPOModule(ExportingModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        if (hp.reward_model is None) == (self.reward_fn is None) and type(self).compute_scores is PPOModule.compute_scores:
-            raise ValueError("give exactly one of reward_model or reward_fn (or override compute_scores)")
+        sources = (hp.reward_model, self.reward_fn, self.implicit_reward)
+        if sum(source is not None for source in sources) != 1 and type(self).compute_scores is PPOModule.compute_scores:
+            raise ValueError("give exactly one of reward_model, reward_fn or implicit_reward (or override compute_scores)")
         models = load_ppo_models(hp.policy, self.tokenizer, reference=hp.reference, lora=self.lora, reward_model=hp.reward_model,
-                                 reward_fn=self.reward_fn, critic=hp.critic,
+                                 reward_fn=self.reward_fn, implicit_reward=self.implicit_reward, critic=hp.critic,
                                  with_critic=self.needs_critic, reward_batch_size=hp.reward_batch_size,
                                  ensemble_penalty=self.score_settings.ensemble_penalty,
                                  gradient_checkpointing=hp.gradient_checkpointing)
@@ -184,16 +194,19 @@ class PPOModule(ExportingModule):
             self.reward_model = models.reward_models[0]
         elif models.reward_models:  # an ensemble's members
             self.reward_models = torch.nn.ModuleList(models.reward_models)
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel ranks
-            for model in (self.policy, self.critic, *self.frozen_models()):
-                if model is not None:
-                    shard_model(model, self.device_mesh["data_parallel"])
+        if models.implicit_reward_models:
+            self.implicit_reward_models = torch.nn.ModuleList(models.implicit_reward_models)
+        shard_models(self.device_mesh, [m for m in (self.policy, self.critic, *self.frozen_models()) if m is not None])
 
     def frozen_models(self) -> list[torch.nn.Module]:
-        """The models that never train: the reference and the reward model, or each member of a
-        reward-model ensemble (when there are any). Registered as submodules (``reward_model``,
-        ``reward_models``), they move to the device with the module and stay out of checkpoints."""
-        reward_models = [getattr(self, "reward_model", None), *getattr(self, "reward_models", ())]
+        """The models that never train: the reference, and the reward model, an ensemble's
+        members, or the implicit reward's DPO policy and its reference unless that is the KL
+        reference (when there are any). Registered as submodules (``reward_model``,
+        ``reward_models``, ``implicit_reward_models``), they move to the device with the module;
+        checkpoints leave them out, except under FSDP2
+        (:func:`~rlhf_lightning.checkpoint_io.keeps_frozen_weights`)."""
+        reward_models = [getattr(self, "reward_model", None), *getattr(self, "reward_models", ()),
+                         *getattr(self, "implicit_reward_models", ())]
         return [m for m in (self.reference, *reward_models) if m is not None]
 
     def rollout_loop(self) -> RolloutLoop:
@@ -368,10 +381,6 @@ class PPOModule(ExportingModule):
     def planned_iterations(self) -> int:
         """PPO iterations this fit will run (:func:`~rlhf_lightning.ppo_settings.planned_iterations`)."""
         return planned_iterations(self.hparams.max_iterations, self.trainer, self.ppo.steps_per_iteration)
-
-    def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy, type(self).__name__, self.lora)
-        check_precision(self.trainer.precision)
 
     def export_keys(self) -> tuple[str, ...]:
         return ("policy_export_dir", "critic_export_dir") if self.needs_critic else ("policy_export_dir",)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ..data.encoding import attention_mask_for, demonstration_pair, encode_preference, pad
+from ..data.encoding import attention_mask_for, demonstration_pair, encode_preference, pad, prompt_record_text
 from ..records import DataFormatError, Record, check_sft, read_jsonl, sft_kind
 from ..evaluation import JudgeFn
 from ..lora import LoRASettings
@@ -148,14 +147,11 @@ class RewardModule(HFModelModule):
             self.load_frozen_reference(self.hparams.likelihood_teacher or self.hparams.model_name_or_path)
             self.likelihood_head = torch.nn.Linear(self.model.config.hidden_size, 1)
 
-    def shard(self, mesh: Any) -> None:
+    def sharded_models(self) -> list[torch.nn.Module]:
         """The model, the likelihood teacher and the likelihood head (trained: FSDP averages its
         gradients over the ranks)."""
-        from torch.distributed.fsdp import fully_shard
-
-        super().shard(mesh)
-        if self.likelihood_head is not None:
-            fully_shard(self.likelihood_head, mesh=mesh)
+        head = [] if self.likelihood_head is None else [self.likelihood_head]
+        return [*super().sharded_models(), *head]
 
     def optimized_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """The model's parameters, and the auxiliary likelihood head's when there is one."""
@@ -234,14 +230,17 @@ class RewardModule(HFModelModule):
         """The judge's score of each encoded validation sequence, keyed by its token ids.
 
         Built once from ``trainer.datamodule.val_records`` / ``val_dataset``; keying by ids makes
-        it independent of batch order, shuffling and distributed sampling.
+        it independent of batch order, shuffling and distributed sampling. The judge reads each
+        prompt as text (:func:`~rlhf_lightning.data.encoding.prompt_record_text`: a chat prompt
+        rendered with the tokenizer's template and generation prompt).
         """
         if self._gold_scores is None:
             datamodule = getattr(self.trainer, "datamodule", None)
             records = getattr(datamodule, "val_records", None) or []
             dataset = [e for e in getattr(datamodule, "val_dataset", None) or [] if e.get("index", len(records)) < len(records)]
             table: dict[tuple[int, ...], float] = {}
-            prompts = [records[e["index"]]["prompt"] for e in dataset]
+            # a chat prompt as the policy continues it: rendered with the template
+            prompts = [prompt_record_text(records[e["index"]], self.tokenizer) for e in dataset]
             for side in ("chosen", "rejected"):
                 scores = self.judge(prompts, [records[e["index"]][side] for e in dataset]) if dataset else []
                 table.update({tuple(e[side]): float(score) for e, score in zip(dataset, scores)})
