@@ -32,11 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
 from rlhf_lightning.cli import main as cli_main  # noqa: E402
-from rlhf_lightning.data.encoding import attention_mask_for, encode_preference, pad  # noqa: E402
-from rlhf_lightning.evaluation import compare_policies  # noqa: E402
-from rlhf_lightning.forwards import score_sequences  # noqa: E402
+from rlhf_lightning.evaluation import compare_policies, reward_pair_scores  # noqa: E402
 from rlhf_lightning.generation import GenerationSettings  # noqa: E402
-from rlhf_lightning.models import load_sequence_scorer, load_tokenizer  # noqa: E402
 from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
 from rlhf_lightning.rlhf_math import pair_accuracy  # noqa: E402
 from rlhf_lightning.tasks import BUILTIN_TASKS, import_object, label_agreement  # noqa: E402
@@ -62,19 +59,6 @@ def train_member(run: Path, out: Path, seed: int, normalize_file: Path) -> Path:
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out), name="reward2")
     fit(config, out / "configs" / "reward2.yaml", f"--model.init_args.normalize_file={normalize_file}")
     return export
-
-
-@torch.no_grad()
-def pair_scores(model_dir: Path, records: list[dict[str, Any]], max_length: int) -> torch.Tensor:
-    """(n, 2) scores of each pair's chosen and rejected side, encoded as the reward stage encodes them."""
-    tokenizer = load_tokenizer(str(model_dir))
-    model = load_sequence_scorer(str(model_dir), tokenizer).eval()
-    sequences = []
-    for record in records:
-        encoded = encode_preference(record, tokenizer, max_length)
-        sequences += [encoded["chosen"], encoded["rejected"]]
-    scores = score_sequences(model, pad(sequences, tokenizer.pad_token_id), attention_mask_for(sequences), batch_size=256)
-    return scores.reshape(-1, 2)
 
 
 def run_ppo(run: Path, out: Path, members: list[Path], penalty: float) -> Path:
@@ -118,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             reward_config = run / "configs" / "reward.yaml"
             held_out = datamodule_records(reward_config)[1]
             max_length = yaml.safe_load(reward_config.read_text())["data"]["init_args"]["max_length"]
-            scores = torch.stack([pair_scores(m, held_out, max_length) for m in members])  # (2, n, 2)
+            scores = torch.stack([reward_pair_scores(str(m), held_out, max_length, 256) for m in members])  # (2, n, 2)
             accuracy = [pair_accuracy(s[:, 0], s[:, 1]).mean().item() for s in (*scores, scores.mean(0))]
             started = time.perf_counter()
             policy = run_ppo(run, out / f"k{args.penalty:g}", members, args.penalty)

@@ -198,19 +198,28 @@ def compare_policies(
 
 
 @torch.no_grad()
+def reward_pair_scores(reward_model_dir: str, records: list[Record], max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
+    """Scores ``(n, 2)`` of each preference record's ``chosen`` and ``rejected`` side by the reward
+    model at ``reward_model_dir``, each encoded as the reward stage encodes pairs."""
+    if not records:
+        raise ValueError("reward_pair_scores needs at least one preference record")
+    tokenizer = load_tokenizer(reward_model_dir)
+    model = load_sequence_scorer(reward_model_dir, tokenizer)
+    pairs = [encode_preference(record, tokenizer, max_length) for record in records]
+    scores = []
+    for side in ("chosen", "rejected"):
+        rows = [pair[side] for pair in pairs]
+        scores.append(score_sequences(model, pad(rows, tokenizer.pad_token_id), attention_mask_for(rows), batch_size))
+    return torch.stack(scores, dim=1)
+
+
 def reward_model_accuracy(reward_model_dir: str, records: list[Record], max_length: int = 256, batch_size: int = 64) -> float:
     """Share of preference ``records`` whose ``chosen`` the reward model at ``reward_model_dir``
     scores above ``rejected`` (ties 0.5), each encoded as the reward stage encodes pairs."""
     if not records:
         raise ValueError("reward_model_accuracy needs at least one preference record")
-    tokenizer = load_tokenizer(reward_model_dir)
-    model = load_sequence_scorer(reward_model_dir, tokenizer)
-    pairs = [encode_preference(record, tokenizer, max_length) for record in records]
-    scores = {}
-    for side in ("chosen", "rejected"):
-        rows = [pair[side] for pair in pairs]
-        scores[side] = score_sequences(model, pad(rows, tokenizer.pad_token_id), attention_mask_for(rows), batch_size)
-    return pm.pair_accuracy(scores["chosen"], scores["rejected"]).mean().item()
+    scores = reward_pair_scores(reward_model_dir, records, max_length, batch_size)
+    return pm.pair_accuracy(scores[:, 0], scores[:, 1]).mean().item()
 
 
 def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, responses: Responses, temperature: float) -> torch.Tensor:
