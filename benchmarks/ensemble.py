@@ -73,12 +73,18 @@ def run_ppo(run: Path, out: Path, members: list[Path], penalty: float) -> Path:
     return export
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def runs_argument_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options of a script that starts from finished methods.py / suite.py runs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="outputs/methods-rm", help="the methods.py / suite.py output folder")
     parser.add_argument("--method", default="ppo", help="the method sub-run whose SFT, reward and PPO config are reused")
     parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=BUILTIN_TASKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = runs_argument_parser(__doc__)
     parser.add_argument("--penalty", type=float, default=1.0)
     parser.add_argument("--members-only", action="store_true", help="train the second members and stop")
     args = parser.parse_args(argv)
@@ -112,14 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             comparison, _ = compare_policies(str(policy), str(run / "sft" / "model"), datamodule_records(ppo_config)[1],
                                              reward_model_dir=str(members[0]), generation=GenerationSettings(**generation),
                                              judge=judge, seed=seed)
-            c = comparison.to_dict()
             row = {
                 "task": task, "seed": seed, "penalty": args.penalty,
                 "acc_member1": accuracy[0], "acc_member2": accuracy[1], "acc_mean": accuracy[2],
-                "ceiling": label_agreement(held_out, judge),
-                "win": c["gold_win_rate"], "gold_sft": c["baseline_gold_score"], "gold_ppo": c["gold_score"],
-                "valid_sft": c["baseline_validity"], "valid_ppo": c["validity"], "kl": c["kl"],
-                "rho_sft": c["baseline_reward_gold_spearman"], "rho_ppo": c["reward_gold_spearman"],
+                "ceiling": label_agreement(held_out, judge), **suite.comparison_columns(comparison.to_dict()),
                 "member_seconds": round(member_seconds, 1), "ppo_seconds": round(ppo_seconds, 1),
             }
             row_path.write_text(json.dumps(row, indent=2) + "\n")

@@ -116,6 +116,15 @@ def best_of_n_reference(run: Path, task: str, prompts: list[str], generation: Ge
     return result
 
 
+def comparison_columns(c: dict[str, Any]) -> dict[str, Any]:
+    """The table's columns of a policy comparison (``PolicyComparison.to_dict()``, or a summary's
+    ``comparison``): the policy against SFT."""
+    return {"win": c["gold_win_rate"], "gold_sft": c["baseline_gold_score"], "gold_ppo": c["gold_score"],
+            "valid_sft": c["baseline_validity"], "valid_ppo": c["validity"], "kl": c["kl"],
+            "rho_sft": c["baseline_reward_gold_spearman"], "rho_ppo": c["reward_gold_spearman"],
+            "len_sft": c["baseline_response_length"], "len_ppo": c["response_length"]}
+
+
 def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Path], run: Path | None = None,
             ppo_config: Path | None = None, best_of_n: bool = True, dpo_config: Path | None = None) -> dict[str, Any]:
     """One pipeline run (default folder ``<out>/<task>/seed<seed>``) and its row of the table."""
@@ -127,14 +136,11 @@ def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Pat
         raise SystemExit(f"pipeline failed for {task} seed {seed}")
     seconds = time.perf_counter() - started
     summary = json.loads((run / "summary.json").read_text())
-    c, reward = summary["comparison"], summary["reward"]
+    reward = summary["reward"]
     row = {
         "task": task, "seed": seed,
         "rm_acc": reward.get("val/accuracy"), "ceiling": reward.get("label_ceiling"),
-        "win": c["gold_win_rate"], "gold_sft": c["baseline_gold_score"], "gold_ppo": c["gold_score"],
-        "valid_sft": c["baseline_validity"], "valid_ppo": c["validity"], "kl": c["kl"],
-        "rho_sft": c["baseline_reward_gold_spearman"], "rho_ppo": c["reward_gold_spearman"],
-        "len_sft": c["baseline_response_length"], "len_ppo": c["response_length"],
+        **comparison_columns(summary["comparison"]),
         "stage_seconds": summary["stage_seconds"], "seconds": round(seconds, 1),
     }
     if row["rm_acc"] is not None and row["ceiling"] is not None:

@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from .errors import UserInputError
 from .stop_tokens import stop_token_ids
@@ -44,6 +45,8 @@ from .terminal import NEW_WEIGHTS_REPORTS, held_log_records, release, transforme
 PRESET_PREFIX = "preset:"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+#: Text that any usable tokenizer encodes to at least one id (see :func:`load_tokenizer`).
+PROBE_TEXT = "hello"
 
 # A chat template for the byte-level preset: role tags, EOS closing each assistant turn.
 BYTE_CHAT_TEMPLATE = (
@@ -144,13 +147,24 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 "next to the weights (tokenizer.save_pretrained(folder))"
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            # For some model types (qwen2, phi3, ...) AutoTokenizer loads the type's own tokenizer
+            # whatever tokenizer_config.json names; the byte tokenizer has no tokenizer.json for
+            # that one to read (it would encode every text to no ids), so load it by its class.
+            saved_class = get_tokenizer_config(name_or_path).get("tokenizer_class")
+            tokenizer_class = ByT5Tokenizer if saved_class == ByT5Tokenizer.__name__ else AutoTokenizer
+            tokenizer = tokenizer_class.from_pretrained(name_or_path)
         except (OSError, ValueError) as err:
             raise ModelLoadError(
                 f"could not load a tokenizer from '{name_or_path}': {err}; "
                 "hint: a model folder needs the tokenizer files next to the weights "
                 "(save both with save_pretrained)"
             ) from err
+        if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+            raise ModelLoadError(
+                f"the tokenizer loaded from '{name_or_path}' ({type(tokenizer).__name__}) encodes text to no ids; "
+                "hint: save the tokenizer the model was trained with into that folder (save_pretrained), "
+                "or name a tokenizer folder with tokenizer_name_or_path"
+            )
     return ensure_pad_token(tokenizer)
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,13 +75,19 @@ def llama_dir(tmp_path: Path) -> Path:
     return save_tiny_llama(tmp_path / "llama", bpe_tokenizer_without_pad())
 
 
+def start_distributed_script(script: Path, *args: object) -> subprocess.Popen:
+    """Start ``script args...`` in a session of its own (``os.killpg(process.pid, ...)`` reaches
+    the processes it launches), one thread each, the repository on the import path."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def run_distributed_script(script: Path, *args: object, timeout: float = 300) -> str:
     """Run ``script args...`` (one process, which launches the others itself) with the repository
     on the import path; fail the test unless it exits 0, and kill it with SIGKILL after
     ``timeout`` seconds (a hung distributed run ignores SIGTERM). Returns its output."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_distributed_script(script, *args)
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -88,6 +95,16 @@ def run_distributed_script(script: Path, *args: object, timeout: float = 300) ->
         pytest.fail(f"{script.name} {' '.join(map(str, args))} hung")
     assert process.returncode == 0, output[-3000:]
     return output
+
+
+def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``process`` writes ``marker`` (it has reached its kill point); fail if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError("the run ended before it reached the kill point:\n" + process.stdout.read()[-3000:])
+        assert time.monotonic() < deadline, "timed out waiting for the run to reach the kill point"
+        time.sleep(0.2)
 
 
 def write_lines(path: Path, lines: list) -> Path:

@@ -3,10 +3,14 @@ gloo) and the same global batch on 1 process.
 
     python tests/fsdp_ppo_run.py POLICY PROMPTS OUT single  # 1 process, 8 prompts an iteration
     python tests/fsdp_ppo_run.py POLICY PROMPTS OUT fsdp    # 2 processes x 4 prompts
+    python tests/fsdp_ppo_run.py POLICY PROMPTS OUT pause   # the same, waits to be killed after iteration 1
+    python tests/fsdp_ppo_run.py POLICY PROMPTS OUT resume  # resumes the killed run from its checkpoint
 
-``fsdp`` runs two PPO iterations (``OUT/full``), then the same run stopped after one iteration
-and resumed from its checkpoint (``OUT/resumed``). Each run exports its policy and critic and
-writes its metrics to ``metrics.json``. Sampling is greedy (``top_k=1``) and every response is
+``fsdp`` runs two PPO iterations (``OUT/full``). ``pause`` runs them with a checkpoint after every
+iteration and, once the first is on disk, writes ``OUT/paused`` and sleeps until the test kills
+every process with SIGKILL; ``resume`` finishes that run from ``OUT/checkpoints/last.ckpt``
+(``OUT/resumed``). Each finished run exports its policy and critic and writes its metrics to
+``metrics.json``. Sampling is greedy (``top_k=1``) and every response is
 ``max_new_tokens`` long, so that one process and two see the same responses and the same means.
 """
 
@@ -15,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rlhf_lightning.checkpoint_io import IterationCheckpoint
@@ -23,13 +27,9 @@ from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.generation import GenerationSettings, sample
 from rlhf_lightning.modules import PPOModule, PPOSettings
 from rlhf_lightning.tasks import gold_rewards
+from tests.crash_helpers import PauseAtIteration
 
 PROMPTS_PER_ITERATION = 8
-
-
-class StopAfterFirstIteration(Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        trainer.should_stop = True
 
 
 def fit(policy: str, prompts: str, out: Path, devices: int, callbacks=(), ckpt_path=None) -> PPOModule:
@@ -67,12 +67,15 @@ def generate_unequal_lengths(module: PPOModule) -> None:
 
 if __name__ == "__main__":
     policy, prompts, out, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    checkpoints = out / "checkpoints"
     if mode == "single":
         fit(policy, prompts, out / "single", devices=1)
-    else:
+    elif mode == "fsdp":
         fit(policy, prompts, out / "full", devices=2)
-        checkpoints = out / "checkpoints"
-        fit(policy, prompts, out / "stopped", devices=2,
-            callbacks=[IterationCheckpoint(dirpath=str(checkpoints), save_last=True), StopAfterFirstIteration()])
+    elif mode == "pause":
+        fit(policy, prompts, out / "killed", devices=2, callbacks=[
+            IterationCheckpoint(dirpath=str(checkpoints), save_last=True),
+            PauseAtIteration(iteration=1, marker=str(out / "paused"))])
+    else:
         module = fit(policy, prompts, out / "resumed", devices=2, ckpt_path=str(checkpoints / "last.ckpt"))
         generate_unequal_lengths(module)

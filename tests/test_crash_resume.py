@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from rlhf_lightning.models import is_complete_hf_folder
 from rlhf_lightning.report import read_scalars
 
-from .conftest import write_lines
+from .conftest import wait_for, write_lines
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS, KILL_AFTER = 6, 3
@@ -76,15 +75,6 @@ def cli(*args: str) -> subprocess.Popen:
 def finish(process: subprocess.Popen) -> None:
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
-
-
-def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError("the run ended before it reached the kill point:\n" + process.stdout.read()[-3000:])
-        assert time.monotonic() < deadline, "timed out waiting for the run to reach the kill point"
-        time.sleep(0.2)
 
 
 def kill(process: subprocess.Popen) -> None:

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from rlhf_lightning.models import (
     PAD_TOKEN,
     ModelLoadError,
+    byte_tokenizer,
     is_complete_hf_folder,
     load_causal_lm,
     load_sequence_scorer,
@@ -80,6 +83,30 @@ def test_missing_folder_and_missing_tokenizer_are_clear(tmp_path: Path, byte_gpt
         (byte_gpt2_dir / name).unlink(missing_ok=True)
     with pytest.raises(ModelLoadError, match="tokenizer"):
         load_tokenizer(str(byte_gpt2_dir))
+
+
+@pytest.mark.parametrize("config_class", [Qwen2Config, LlamaConfig])
+def test_byte_tokenizer_round_trips_whatever_the_model_config(tmp_path: Path, config_class):
+    # For a qwen2 config.json, AutoTokenizer loads Qwen2Tokenizer whatever tokenizer_config.json
+    # names; with no tokenizer.json to read, it encoded every text to no ids.
+    tokenizer = byte_tokenizer()
+    config = config_class(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=32)
+    folder = save_hf_folder(tmp_path / "export", AutoModelForCausalLM.from_config(config), tokenizer)
+    reloaded = load_tokenizer(str(folder))
+    text = "héllo, <|user|> world"
+    ids = reloaded(text, add_special_tokens=False)["input_ids"]
+    assert ids and ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert reloaded.decode(ids) == text
+    assert (reloaded.pad_token_id, reloaded.eos_token_id) == (0, 1)
+    assert reloaded.chat_template == tokenizer.chat_template
+
+
+def test_tokenizer_that_encodes_text_to_nothing_is_refused(tmp_path: Path):
+    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="</s>")
+    folder = save_hf_folder(tmp_path / "empty-vocab", None, empty)
+    with pytest.raises(ModelLoadError, match=f"'{folder}'.*no ids"):
+        load_tokenizer(str(folder))
 
 
 def test_sequence_scorer_from_causal_lm_folder(llama_dir: Path):

@@ -1,10 +1,12 @@
 """PPO under FSDP2 (Lightning's ``ModelParallelStrategy``): the 2-process run ends with the weights
-of a 1-process run on the same global batch, resumes exactly from its distributed checkpoint, and
-the strategies PPO does not support are refused in one line naming ``trainer.strategy``."""
+of a 1-process run on the same global batch, resumes exactly from its distributed checkpoint after a
+SIGKILL, and the strategies PPO does not support are refused in one line naming ``trainer.strategy``."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +22,7 @@ from rlhf_lightning.lora import LoRASettings
 from rlhf_lightning.sharding import check_strategy, fsdp_units, transformer_blocks
 from rlhf_lightning.tasks import SentimentTask
 
-from .conftest import run_distributed_script, write_lines
+from .conftest import run_distributed_script, start_distributed_script, wait_for, write_lines
 
 SCRIPT = Path(__file__).with_name("fsdp_ppo_run.py")
 #: |2 processes - 1 process| per weight after 2 iterations (measured: 7.7e-8 policy, 1.4e-8 critic,
@@ -41,12 +43,21 @@ def untimed(metrics: dict[str, float]) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_one_process_and_resumes_exactly(tmp_path: Path, byte_gpt2_dir: Path):
+def test_fsdp2_matches_one_process_and_resumes_exactly_after_a_kill(tmp_path: Path, byte_gpt2_dir: Path):
     """Also: each rank samples a different number of tokens on the sharded policy without hanging
     (tests/fsdp_ppo_run.py, generate_unequal_lengths)."""
     prompts = write_lines(tmp_path / "prompts.jsonl", SentimentTask(seed=1).prompt_records(8))
     for mode in ("single", "fsdp"):
         run_distributed_script(SCRIPT, byte_gpt2_dir, prompts, tmp_path, mode)
+    paused = start_distributed_script(SCRIPT, byte_gpt2_dir, prompts, tmp_path, "pause")
+    try:
+        wait_for(tmp_path / "paused", paused)
+    finally:
+        os.killpg(paused.pid, signal.SIGKILL)  # both ranks and the launcher, mid-run
+    assert paused.wait(timeout=30) == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "policy").exists()
+    run_distributed_script(SCRIPT, byte_gpt2_dir, prompts, tmp_path, "resume")
+
     initial = weights(byte_gpt2_dir)
     for model in ("policy", "critic"):
         single, full, resumed = (weights(tmp_path / run / model) for run in ("single", "full", "resumed"))
@@ -60,6 +71,22 @@ def test_fsdp2_matches_one_process_and_resumes_exactly(tmp_path: Path, byte_gpt2
     assert full["health/grad_norm"] > 1.0  # above ppo.max_grad_norm: clipping changed the step
     assert untimed(resumed) == untimed(full)
     assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint folder
+
+
+@pytest.mark.slow
+def test_a_llama_model_under_fsdp2_matches_one_process(tmp_path: Path, llama_dir: Path):
+    """A Llama-style policy and critic (RMSNorm, rotary positions, a BPE tokenizer without a pad
+    token) shard by their own ``_no_split_modules`` blocks and train as one process does."""
+    prompts = write_lines(tmp_path / "prompts.jsonl", SentimentTask(seed=1).prompt_records(8))
+    for mode in ("single", "fsdp"):
+        run_distributed_script(SCRIPT, llama_dir, prompts, tmp_path, mode)
+    for model in ("policy", "critic"):
+        single, full = (weights(tmp_path / run / model) for run in ("single", "full"))
+        assert single.keys() == full.keys()
+        assert largest_difference(single, full) < TOLERANCE
+    initial, trained = weights(llama_dir), weights(tmp_path / "full" / "policy")
+    blocks = {k: v for k, v in initial.items() if k.startswith("model.layers.")}  # (the embedding grew a pad row)
+    assert largest_difference(trained, blocks) > 1e-4
 
 
 def fsdp2(data_parallel: int, tensor_parallel: int) -> ModelParallelStrategy:
