@@ -50,6 +50,11 @@ SHAPES = {
     "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                        intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
                        max_position_embeddings=32768),
+    # Qwen2-0.5B's widths and vocabulary with 6 of its 24 blocks (225M parameters): small enough
+    # for DDP's two full copies of everything on this 24 GB machine
+    "qwen2-0.5b-6-layers": dict(hidden_size=896, num_hidden_layers=6, num_attention_heads=14, num_key_value_heads=2,
+                                intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                                max_position_embeddings=32768),
     "micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                   intermediate_size=64, vocab_size=1024, tie_word_embeddings=True, rms_norm_eps=1e-6,
                   max_position_embeddings=256),
@@ -167,6 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per process in the iteration")
     parser.add_argument("--response-len", type=int, default=32, help="tokens generated per prompt")
     parser.add_argument("--run", choices=list(SETUPS), help=argparse.SUPPRESS)  # a subprocess of measure()
+    parser.add_argument("--save", action="store_true", help=argparse.SUPPRESS)  # save_models in a subprocess
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -176,11 +182,16 @@ def main() -> None:
     if args.run:
         run_one_iteration(args.run, args.folder, args.prompts, args.response_len)
         return
+    if args.save:
+        save_models(args.folder, args.shape)
+        return
     from rlhf_lightning.records import write_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        save_models(folder, args.shape)
+        # in a process of its own: this one stays small while the measured ones run beside it
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--save", "--folder", str(folder),
+                        "--shape", args.shape], check=True)
         most_processes = max(SETUPS[name].processes for name in args.configs)
         write_jsonl(folder / "prompts.jsonl", [{"prompt": PROMPT}] * args.prompts * most_processes)
         rows = []

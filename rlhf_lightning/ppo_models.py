@@ -3,6 +3,7 @@ reference, the reward source and the critic (:func:`load_ppo_models`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ def load_ppo_models(
     reward_batch_size: int = 64,
     ensemble_penalty: float = 0.0,
     gradient_checkpointing: bool = False,
+    on_loaded: Callable[[torch.nn.Module], None] | None = None,
 ) -> PPOModels:
     """Load what PPO trains against.
 
@@ -102,7 +104,13 @@ def load_ppo_models(
     (:class:`~rlhf_lightning.lora.AdapterCritic`). With
     ``gradient_checkpointing`` the models that train (policy, critic) recompute their activations
     in the backward (:func:`~rlhf_lightning.models.enable_gradient_checkpointing`).
+
+    ``on_loaded`` is called once on each model that is loaded (not on the LoRA reference and
+    critic, which are views of the policy), as soon as nothing else is built from it: under FSDP2
+    it shards the model (:func:`~rlhf_lightning.sharding.shard_models`), so that a process holds
+    at most two models whole at any time instead of all of them.
     """
+    loaded = on_loaded or (lambda model: None)
     policy_model = load_causal_lm(policy, tokenizer)
     reference_folder = reference or policy
     if lora is not None:
@@ -110,8 +118,16 @@ def load_ppo_models(
         reference_model: torch.nn.Module = AdapterDisabled(policy_model)
     else:
         reference_model = load_reference(reference_folder, tokenizer, policy, policy_model)
+        loaded(reference_model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(policy_model)
+    if lora is None:
+        loaded(policy_model)
     folders = reward_folders(reward_model)
-    members = [load_reward_scorer(folder, tokenizer, reward_batch_size) for folder in folders]
+    members = []
+    for folder in folders:
+        members.append(load_reward_scorer(folder, tokenizer, reward_batch_size))
+        loaded(members[-1].model)
     scorer: Any = None
     if len(members) > 1:
         scorer = EnsembleScorer(members, ensemble_penalty)
@@ -130,10 +146,15 @@ def load_ppo_models(
         if critic_source is None and members and members[0].shares_tokens:
             critic_source = folders[0]
         critic_model = load_sequence_scorer(critic_source or policy, tokenizer, role="critic").train()
-    if gradient_checkpointing:
-        for model in filter(None, (policy_model, critic_model)):
-            enable_gradient_checkpointing(model)
+    if critic_model is not None and gradient_checkpointing:
+        enable_gradient_checkpointing(critic_model)
+    if critic_model is not None and not isinstance(critic_model, AdapterCritic):
+        loaded(critic_model)
     implicit_models = ([m for m in (scorer.model, scorer.reference) if m is not reference_model]
                        if isinstance(scorer, ImplicitRewardScorer) else [])
+    for model in implicit_models:
+        loaded(model)
+    if lora is not None:
+        loaded(policy_model)
     return PPOModels(policy_model.train(), reference_model, critic_model, [m.model for m in members], scorer,
                      implicit_models)

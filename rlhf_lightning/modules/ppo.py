@@ -187,7 +187,8 @@ class PPOModule(ExportingModule):
                                  reward_fn=self.reward_fn, implicit_reward=self.implicit_reward, critic=hp.critic,
                                  with_critic=self.needs_critic, reward_batch_size=hp.reward_batch_size,
                                  ensemble_penalty=self.score_settings.ensemble_penalty,
-                                 gradient_checkpointing=hp.gradient_checkpointing)
+                                 gradient_checkpointing=hp.gradient_checkpointing,
+                                 on_loaded=lambda model: shard_models(self.device_mesh, [model]))
         self.policy, self.reference, self.critic = models.policy, models.reference, models.critic
         self.reward_scorer = models.reward_scorer
         if len(models.reward_models) == 1:
@@ -196,7 +197,6 @@ class PPOModule(ExportingModule):
             self.reward_models = torch.nn.ModuleList(models.reward_models)
         if models.implicit_reward_models:
             self.implicit_reward_models = torch.nn.ModuleList(models.implicit_reward_models)
-        shard_models(self.device_mesh, [m for m in (self.policy, self.critic, *self.frozen_models()) if m is not None])
 
     def frozen_models(self) -> list[torch.nn.Module]:
         """The models that never train: the reference, and the reward model, an ensemble's
