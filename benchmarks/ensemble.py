@@ -18,12 +18,10 @@ Finished steps (a member's export, a PPO export, a row) are skipped, so an inter
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -31,21 +29,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
-from rlhf_lightning.cli import main as cli_main  # noqa: E402
 from rlhf_lightning.evaluation import compare_policies, reward_pair_scores  # noqa: E402
 from rlhf_lightning.generation import GenerationSettings  # noqa: E402
 from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
 from rlhf_lightning.rlhf_math import pair_accuracy  # noqa: E402
-from rlhf_lightning.tasks import BUILTIN_TASKS, import_object, label_agreement  # noqa: E402
+from rlhf_lightning.tasks import import_object, label_agreement  # noqa: E402
 
 MEMBER_SEED_OFFSET = 1000
-
-
-def fit(config: dict[str, Any], path: Path, *extra: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    if cli_main(["fit", "--config", str(path), "--model.init_args.overwrite_export=true", *extra]) != 0:
-        raise SystemExit(f"fit failed: {path}")
 
 
 def train_member(run: Path, out: Path, seed: int, normalize_file: Path) -> Path:
@@ -57,7 +47,7 @@ def train_member(run: Path, out: Path, seed: int, normalize_file: Path) -> Path:
                                    str(run / "reward"), str(out / "reward2"))
     config["seed_everything"] = seed + MEMBER_SEED_OFFSET
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out), name="reward2")
-    fit(config, out / "configs" / "reward2.yaml", f"--model.init_args.normalize_file={normalize_file}")
+    suite.fit(config, out / "configs" / "reward2.yaml", f"--model.init_args.normalize_file={normalize_file}")
     return export
 
 
@@ -69,22 +59,12 @@ def run_ppo(run: Path, out: Path, members: list[Path], penalty: float) -> Path:
     init = config["model"]["init_args"]
     init.update(policy=str(run / "sft" / "model"), reward_model=[str(m) for m in members])
     init.setdefault("scores", {})["ensemble_penalty"] = penalty
-    fit(config, out / "configs" / "ppo.yaml")
+    suite.fit(config, out / "configs" / "ppo.yaml")
     return export
 
 
-def runs_argument_parser(description: str | None) -> argparse.ArgumentParser:
-    """The options of a script that starts from finished methods.py / suite.py runs."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="outputs/methods-rm", help="the methods.py / suite.py output folder")
-    parser.add_argument("--method", default="ppo", help="the method sub-run whose SFT, reward and PPO config are reused")
-    parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=BUILTIN_TASKS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = runs_argument_parser(__doc__)
+    parser = suite.runs_argument_parser(__doc__)
     parser.add_argument("--penalty", type=float, default=1.0)
     parser.add_argument("--members-only", action="store_true", help="train the second members and stop")
     args = parser.parse_args(argv)

@@ -28,7 +28,8 @@ Prints one row per configuration: the peak RSS of each process in MiB and the wa
 
 The health guards are on, except ``NonFiniteGuard``'s CPU snapshot of the last good iteration
 (``snapshot_every=0``): it holds a copy of every trained weight and its AdamW moments, three times
-the trained weights (about 12 GB more for full fine-tuning at this shape, a few MB with LoRA), and
+the trained weights (about 11 GiB more for full fine-tuning at this shape, about 5.5 GiB with LoRA and a
+separate critic, a few MB with ``lora.critic: adapter``), and
 would measure that choice rather than how the models are held.
 """
 

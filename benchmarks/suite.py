@@ -196,6 +196,23 @@ def argument_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def fit(config: dict[str, Any], path: Path, *extra: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if cli_main(["fit", "--config", str(path), "--model.init_args.overwrite_export=true", *extra]) != 0:
+        raise SystemExit(f"fit failed: {path}")
+
+
+def runs_argument_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options of a script that starts from finished methods.py / suite.py runs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="outputs/methods-rm", help="the methods.py / suite.py output folder")
+    parser.add_argument("--method", default="ppo", help="the method sub-run whose SFT, reward and PPO config are reused")
+    parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=list(BUILTIN_TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argument_parser(__doc__).parse_args(argv)
     rows = []

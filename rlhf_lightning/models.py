@@ -162,8 +162,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
             raise ModelLoadError(
                 f"the tokenizer loaded from '{name_or_path}' ({type(tokenizer).__name__}) encodes text to no ids; "
-                "hint: save the tokenizer the model was trained with into that folder (save_pretrained), "
-                "or name a tokenizer folder with tokenizer_name_or_path"
+                "hint: save the tokenizer the model was trained with into that folder (save_pretrained)"
             )
     return ensure_pad_token(tokenizer)
 

@@ -136,6 +136,9 @@ def load_ppo_models(
     elif implicit_reward is not None:
         scorer = load_implicit_reward(implicit_reward, policy, tokenizer, reference_folder, reference_model,
                                       reward_batch_size)
+        for model in (scorer.model, scorer.reference):
+            if model is not reference_model:
+                loaded(model)
     elif reward_fn is not None:
         scorer = CallableScorer(reward_fn)
     critic_model: torch.nn.Module | None = None
@@ -152,8 +155,6 @@ def load_ppo_models(
         loaded(critic_model)
     implicit_models = ([m for m in (scorer.model, scorer.reference) if m is not reference_model]
                        if isinstance(scorer, ImplicitRewardScorer) else [])
-    for model in implicit_models:
-        loaded(model)
     if lora is not None:
         loaded(policy_model)
     return PPOModels(policy_model.train(), reference_model, critic_model, [m.model for m in members], scorer,

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rlhf_lightning.checkpoint_io import IterationCheckpoint
@@ -30,6 +30,13 @@ from rlhf_lightning.tasks import gold_rewards
 from tests.crash_helpers import PauseAtIteration
 
 PROMPTS_PER_ITERATION = 8
+
+
+class RecordStart(Callback):
+    """The PPO iteration training starts from: 0, or the checkpoint's when resuming."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.iteration = pl_module.iteration
 
 
 def fit(policy: str, prompts: str, out: Path, devices: int, callbacks=(), ckpt_path=None) -> PPOModule:
@@ -44,10 +51,13 @@ def fit(policy: str, prompts: str, out: Path, devices: int, callbacks=(), ckpt_p
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1)
     data = PromptDataModule(train_file=prompts, val_file=prompts, batch_size=PROMPTS_PER_ITERATION // devices,
                             val_batch_size=2, max_length=64)
+    start = RecordStart()
+    trainer.callbacks.append(start)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics.update(global_step=trainer.global_step, episode=module.episode, iteration=module.iteration)
+        metrics.update(global_step=trainer.global_step, episode=module.episode, iteration=module.iteration,
+                       start_iteration=start.iteration)
         (out / "metrics.json").write_text(json.dumps(metrics))
     return module
 

@@ -463,3 +463,16 @@ def test_lora_critic_is_refused_outside_ppo_in_one_line(stage):
         message = str(error.value)
         assert "\n" not in message and message.startswith("model.init_args.lora.critic ") and stage.__name__ in message
     assert stage(lora=LoRASettings()).lora.critic == "separate"
+
+
+@needs_peft
+@pytest.mark.parametrize("critic, handed", [("separate", ["critic", "policy"]), ("adapter", ["policy"])])
+def test_lora_hands_on_loaded_the_policy_last_and_no_view_of_it(byte_gpt2_dir: Path, critic: str, handed: list[str]):
+    """The reference (the adapter-disabled policy) and an adapter critic are views of the policy:
+    ``on_loaded`` (FSDP2's sharding) gets the policy once, after everything built on it."""
+    from rlhf_lightning.ppo_models import load_ppo_models
+
+    seen: list[torch.nn.Module] = []
+    models = load_ppo_models(str(byte_gpt2_dir), load_tokenizer(str(byte_gpt2_dir)), reward_fn=len,
+                             lora=LoRASettings(critic=critic), on_loaded=seen.append)
+    assert [next(n for n in ("policy", "critic") if getattr(models, n) is m) for m in seen] == handed

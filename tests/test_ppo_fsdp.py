@@ -4,6 +4,7 @@ SIGKILL, and the strategies PPO does not support are refused in one line naming 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,10 +20,14 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from rlhf_lightning.checkpoint_io import drop_frozen_weights
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.lora import LoRASettings
+from rlhf_lightning.models import byte_tokenizer, load_tokenizer
+from rlhf_lightning.ppo_models import load_ppo_models
+from rlhf_lightning.ppo_settings import ImplicitRewardSettings
 from rlhf_lightning.sharding import check_strategy, fsdp_units, transformer_blocks
 from rlhf_lightning.tasks import SentimentTask
 
-from .conftest import run_distributed_script, start_distributed_script, wait_for, write_lines
+from .conftest import run_distributed_script, save_tiny_gpt2, start_distributed_script, wait_for, write_lines
+from .test_reward_ensemble import two_reward_dirs  # noqa: F401 (a fixture)
 
 SCRIPT = Path(__file__).with_name("fsdp_ppo_run.py")
 #: |2 processes - 1 process| per weight after 2 iterations (measured: 7.7e-8 policy, 1.4e-8 critic,
@@ -53,9 +58,12 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_after_a_kill(tmp_path: Pa
     try:
         wait_for(tmp_path / "paused", paused)
     finally:
-        os.killpg(paused.pid, signal.SIGKILL)  # both ranks and the launcher, mid-run
+        with contextlib.suppress(ProcessLookupError):  # (ended already: wait_for's error says why)
+            os.killpg(paused.pid, signal.SIGKILL)  # both ranks and the launcher, mid-run
     assert paused.wait(timeout=30) == -signal.SIGKILL
     assert not (tmp_path / "killed" / "policy").exists()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
+    assert checkpoint["ppo_state"]["iteration"] == 1
     run_distributed_script(SCRIPT, byte_gpt2_dir, prompts, tmp_path, "resume")
 
     initial = weights(byte_gpt2_dir)
@@ -69,8 +77,9 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_after_a_kill(tmp_path: Pa
     assert (full["global_step"], full["episode"]) == (2 * 2, 2 * 8)  # 2 iterations x 2 epochs; 8 prompts each
     assert full["health/grad_norm"] == pytest.approx(single["health/grad_norm"], rel=1e-5)
     assert full["health/grad_norm"] > 1.0  # above ppo.max_grad_norm: clipping changed the step
+    assert (full["start_iteration"], resumed.pop("start_iteration")) == (0, 1)  # it resumed, not started over
+    full.pop("start_iteration")
     assert untimed(resumed) == untimed(full)
-    assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint folder
 
 
 @pytest.mark.slow
@@ -132,3 +141,27 @@ def test_checkpoints_keep_frozen_weights_under_fsdp2():
         checkpoint = {"state_dict": module.state_dict()}
         drop_frozen_weights(module, checkpoint)
         assert sorted(checkpoint["state_dict"]) == kept
+
+
+@pytest.mark.parametrize("source", ["reward model", "ensemble", "reward_fn", "implicit, PPO's reference", "implicit, own reference"])
+def test_each_loaded_model_is_handed_to_on_loaded_once(tmp_path: Path, byte_gpt2_dir: Path,
+                                                      two_reward_dirs: list[str], source: str):
+    """Under FSDP2 ``on_loaded`` shards (``PPOModule.configure_model``): policy, critic, reference
+    and every frozen scoring model exactly once, the reference and policy first, the critic (the
+    last model loaded whole) last, so a process never holds more than two models unsharded."""
+    dpo = str(save_tiny_gpt2(tmp_path / "dpo", byte_tokenizer(), seed=7))
+    other_reference = str(save_tiny_gpt2(tmp_path / "reference", byte_tokenizer(), seed=5))
+    options = {
+        "reward model": {"reward_model": two_reward_dirs[0]},
+        "ensemble": {"reward_model": two_reward_dirs},
+        "reward_fn": {"reward_fn": len},
+        "implicit, PPO's reference": {"implicit_reward": ImplicitRewardSettings(policy=dpo)},
+        "implicit, own reference": {"implicit_reward": ImplicitRewardSettings(policy=dpo, reference=other_reference)},
+    }[source]
+    seen: list[torch.nn.Module] = []
+    models = load_ppo_models(str(byte_gpt2_dir), load_tokenizer(str(byte_gpt2_dir)), on_loaded=seen.append, **options)
+    expected = [models.reference, models.policy, *models.reward_models, *models.implicit_reward_models, models.critic]
+    assert len(seen) == len({id(m) for m in seen}) == len(expected)
+    assert {id(m) for m in seen} == {id(m) for m in expected}
+    assert seen[:2] == [models.reference, models.policy] and seen[-1] is models.critic
+    assert len(models.implicit_reward_models) == {"implicit, PPO's reference": 1, "implicit, own reference": 2}.get(source, 0)

@@ -15,7 +15,7 @@ from rlhf_lightning.data.encoding import encode_preference
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.generation import Responses
 from rlhf_lightning.models import load_sequence_scorer, load_tokenizer, save_hf_folder
-from rlhf_lightning.modules import PPOModule, ScoreSettings
+from rlhf_lightning.modules import ScoreSettings
 from rlhf_lightning.ppo_models import load_ppo_models, load_reward_scorer
 from rlhf_lightning.reward_sources import EnsembleScorer
 from rlhf_lightning.rlhf_math import ensemble_score
