@@ -24,7 +24,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -32,19 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
 from rlhf_lightning.best_of_n import best_of_n, best_of_n_kl, load_scorer, sample_candidates  # noqa: E402
-from rlhf_lightning.evaluation import compare_policies  # noqa: E402
-from rlhf_lightning.generation import GenerationSettings  # noqa: E402
 from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
 from rlhf_lightning.records import write_jsonl  # noqa: E402
-from rlhf_lightning.tasks import import_object  # noqa: E402
-
-
-def generation_of(ppo_config: Path) -> GenerationSettings:
-    return GenerationSettings(**(yaml.safe_load(ppo_config.read_text())["model"]["init_args"].get("generation") or {}))
-
-
-def judge_path(task: str) -> str:
-    return f"rlhf_lightning.tasks.{task}.judge"
 
 
 def kept_samples(run: Path, out: Path, args: argparse.Namespace, task: str, seed: int) -> Path:
@@ -55,8 +43,8 @@ def kept_samples(run: Path, out: Path, args: argparse.Namespace, task: str, seed
         return path
     sft = str(run / "sft" / "model")
     prompts = [r["prompt"] for r in datamodule_records(run / "configs" / "ppo.yaml")[0][: args.prompts]]
-    candidates = sample_candidates(sft, prompts, args.n, generation_of(run / "configs" / "ppo.yaml"), seed)
-    reward_model, judge = (None, judge_path(task)) if args.reward == "oracle" else (str(run / "reward" / "model"), None)
+    candidates = sample_candidates(sft, prompts, args.n, suite.generation_of(run / "configs" / "ppo.yaml"), seed)
+    reward_model, judge = (None, suite.judge_path(task)) if args.reward == "oracle" else (str(run / "reward" / "model"), None)
     best, _ = best_of_n(candidates, args.n, load_scorer(sft, reward_model, judge))
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, [{"prompt": p, "completion": c} for p, c in zip(prompts, best)])
@@ -88,20 +76,11 @@ def ppo_from(run: Path, out: Path, policy: Path, task: str, oracle: bool) -> Pat
     init["policy"] = str(policy)
     if oracle:
         init.pop("reward_model", None)
-        init["reward_fn"] = judge_path(task)
+        init["reward_fn"] = suite.judge_path(task)
     else:
         init["reward_model"] = str(run / "reward" / "model")
     suite.fit(config, out / "configs" / "ppo.yaml")
     return export
-
-
-def compare(run: Path, policy: Path, task: str, seed: int, seconds: float) -> dict[str, Any]:
-    """The pipeline's comparison of ``policy`` with the run's SFT policy."""
-    ppo_config = run / "configs" / "ppo.yaml"
-    comparison, _ = compare_policies(str(policy), str(run / "sft" / "model"), datamodule_records(ppo_config)[1],
-                                     reward_model_dir=str(run / "reward" / "model"), generation=generation_of(ppo_config),
-                                     judge=import_object(judge_path(task)), seed=seed)
-    return {**suite.comparison_columns(comparison.to_dict()), "seconds": round(seconds, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             started = time.perf_counter()
             rsft = fine_tune(run, out, kept_samples(run, out, args, task, seed), args)
-            found = [{"task": task, "seed": seed, "policy": "rsft", **compare(run, rsft, task, seed, time.perf_counter() - started)}]
+            found = [{"task": task, "seed": seed, "policy": "rsft", **suite.compare_with_sft(run, rsft, task, seed, time.perf_counter() - started)}]
             if not args.no_ppo:
                 started = time.perf_counter()
                 found.append({"task": task, "seed": seed, "policy": "rsft+ppo",
-                              **compare(run, ppo_from(run, out, rsft, task, args.reward == "oracle"), task, seed, time.perf_counter() - started)})
+                              **suite.compare_with_sft(run, ppo_from(run, out, rsft, task, args.reward == "oracle"), task, seed, time.perf_counter() - started)})
             row_path.write_text(json.dumps(found, indent=2) + "\n")
             rows.extend(found)
             for row in found:

@@ -125,6 +125,30 @@ def comparison_columns(c: dict[str, Any]) -> dict[str, Any]:
             "len_sft": c["baseline_response_length"], "len_ppo": c["response_length"]}
 
 
+def judge_path(task: str) -> str:
+    """The import path of a built-in task's judge."""
+    return f"rlhf_lightning.tasks.{task}.judge"
+
+
+def generation_of(ppo_config: Path) -> GenerationSettings:
+    """The sampling settings of a PPO stage config."""
+    return GenerationSettings(**(yaml.safe_load(ppo_config.read_text())["model"]["init_args"].get("generation") or {}))
+
+
+def compare_with_sft(run: Path, policy: Path, task: str, seed: int, seconds: float) -> dict[str, Any]:
+    """The pipeline's comparison of ``policy`` with ``run``'s SFT policy (its PPO config's
+    validation prompts and sampling, the task's judge, ``run``'s reward model for ``rho``): the
+    table's columns, and ``seconds``."""
+    from rlhf_lightning.evaluation import compare_policies
+    from rlhf_lightning.pipeline import datamodule_records
+
+    ppo_config = run / "configs" / "ppo.yaml"
+    comparison, _ = compare_policies(str(policy), str(run / "sft" / "model"), datamodule_records(ppo_config)[1],
+                                     reward_model_dir=str(run / "reward" / "model"), generation=generation_of(ppo_config),
+                                     judge=import_object(judge_path(task)), seed=seed)
+    return {**comparison_columns(comparison.to_dict()), "seconds": round(seconds, 1)}
+
+
 def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Path], run: Path | None = None,
             ppo_config: Path | None = None, best_of_n: bool = True, dpo_config: Path | None = None) -> dict[str, Any]:
     """One pipeline run (default folder ``<out>/<task>/seed<seed>``) and its row of the table."""

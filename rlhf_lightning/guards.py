@@ -272,6 +272,55 @@ class LengthGuard(HealthGuard):
         self.baseline_length = state_dict["baseline_length"]
 
 
+class JudgeAgreementStop(Callback):
+    """Stop PPO once the reward model no longer ranks the policy's samples as the judge does: an
+    over-optimisation stop (Gao et al. 2022: the proxy keeps rising while the gold score bends).
+
+    Reads two validation metrics (they exist when ``PPOModule`` has a ``judge`` and a reward
+    model): ``eval/reward_gold_spearman``, the reward model's Spearman correlation with the
+    judge on the policy's samples, and ``eval/ref_reward_gold_spearman``, the same on the
+    reference's samples. After ``patience`` validations in a row with the first below ``ratio``
+    times the second, the run stops as if ``max_iterations`` were reached: the exports are the
+    policy and critic of that moment. A reference correlation at or below 0 (the reward model
+    never agreed with the judge) stops nothing. Opt-in, not one of the default guards; its
+    count of validations below the line is kept in checkpoints.
+    """
+
+    def __init__(self, ratio: float = 0.5, patience: int = 1) -> None:
+        if not 0 < ratio <= 1 or patience < 1:
+            raise UserInputError(f"JudgeAgreementStop: need 0 < ratio <= 1 and patience >= 1, got {ratio} and {patience}")
+        self.ratio, self.patience = ratio, patience
+        self.below = 0
+        self.warned_missing = False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        policy, reference = (trainer.callback_metrics.get(f"eval/{name}") for name in
+                             ("reward_gold_spearman", "ref_reward_gold_spearman"))
+        if policy is None or reference is None:
+            if not self.warned_missing:
+                rank_zero_warn("JudgeAgreementStop: no eval/reward_gold_spearman to read; give PPOModule a judge "
+                               "and a reward model, or remove the callback")
+                self.warned_missing = True
+            return
+        policy, reference = float(policy), float(reference)
+        self.below = self.below + 1 if reference > 0 and policy < self.ratio * reference else 0
+        if self.below >= self.patience:
+            trainer.should_stop = True
+            rank_zero_warn(
+                f"[JudgeAgreementStop] iteration {getattr(pl_module, 'iteration', '?')}: the reward model's Spearman "
+                f"correlation with the judge is {policy:.3f} on the policy's samples, below {self.ratio} x "
+                f"{reference:.3f} on the reference's ({self.below} validation(s) in a row); stopping here"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"below": self.below}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.below = state_dict["below"]
+
+
 DEFAULT_GUARDS: tuple[type[HealthGuard], ...] = (
     NonFiniteGuard, LogprobDriftGuard, NegativeKLGuard, ExplainedVarianceGuard, LengthGuard,
 )

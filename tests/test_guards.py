@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rlhf_lightning.guards import (
+    JudgeAgreementStop,
     ExplainedVarianceGuard,
     LengthGuard,
     LogprobDriftGuard,
@@ -16,6 +18,7 @@ from rlhf_lightning.guards import (
     NonFiniteGuard,
     TrainingHealthError,
 )
+from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.models import is_complete_hf_folder
 from rlhf_lightning.modules import PPOModule, PPOSettings
 from rlhf_lightning.optim import gradient_norm
@@ -203,3 +206,39 @@ def test_diverged_policy_is_restored_and_training_goes_on(tmp_path: Path, byte_g
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
     assert trainer.callback_metrics["health/nonfinite_steps"] == 0.0  # the last iteration trained normally
     assert is_complete_hf_folder(tmp_path / "policy")
+
+
+def validations(stop: JudgeAgreementStop, readings: list[tuple[float, float] | None]) -> list[bool]:
+    """Feed ``stop`` one validation per reading ((policy rho, reference rho), or None: no judge);
+    whether the run was told to stop after each."""
+    stopped = []
+    for reading in readings:
+        metrics = {} if reading is None else {"eval/reward_gold_spearman": torch.tensor(reading[0]),
+                                              "eval/ref_reward_gold_spearman": torch.tensor(reading[1])}
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics=metrics, should_stop=False)
+        stop.on_validation_end(trainer, SimpleNamespace(iteration=len(stopped)))
+        stopped.append(trainer.should_stop)
+    return stopped
+
+
+def test_judge_agreement_stop_fires_when_the_reward_model_stops_agreeing_with_the_judge():
+    # sentiment seed 0's readings (docs/benchmarks.md): 0.45 >= 0.5 x 0.83 goes on, 0.37 stops
+    assert validations(JudgeAgreementStop(ratio=0.5), [(0.81, 0.83), (0.45, 0.83), (0.37, 0.83)]) == [False, False, True]
+    assert validations(JudgeAgreementStop(ratio=0.8), [(0.81, 0.83), (0.63, 0.83)]) == [False, True]
+
+
+def test_judge_agreement_stop_patience_counts_validations_in_a_row_and_survives_a_checkpoint():
+    stop = JudgeAgreementStop(ratio=0.5, patience=2)
+    assert validations(stop, [(0.1, 0.8), (0.7, 0.8), (0.1, 0.8)]) == [False, False, False]  # the streak broke
+    resumed = JudgeAgreementStop(ratio=0.5, patience=2)
+    resumed.load_state_dict(stop.state_dict())
+    assert validations(resumed, [(0.1, 0.8)]) == [True]
+
+
+def test_judge_agreement_stop_needs_a_reward_model_that_agreed_and_a_judge():
+    assert validations(JudgeAgreementStop(), [(-0.3, 0.0), (-0.5, -0.2)]) == [False, False]
+    with pytest.warns(UserWarning, match="give PPOModule a judge"):
+        assert validations(JudgeAgreementStop(), [None, None]) == [False, False]
+    with pytest.raises(UserInputError, match="0 < ratio <= 1"):
+        JudgeAgreementStop(ratio=1.5)
+
