@@ -11,6 +11,7 @@ prompts decide the stop, and the comparison samples the same prompts anew: a use
 then a held-out labelled set or a stronger model, scored as the task's judge is here.
 
     python benchmarks/early_stop.py --runs outputs/methods-rm --seeds 0 1 --ratio 0.5
+    python benchmarks/early_stop.py --runs outputs/methods-rm --seeds 0 1 --plain   # the same runs without it
 
 Finished runs (an export, a row) are skipped, so an interrupted run continues.
 """
@@ -30,15 +31,16 @@ import suite  # noqa: E402
 from rlhf_lightning.report import read_scalars  # noqa: E402
 
 
-def ppo_with_stop(run: Path, out: Path, ratio: float, patience: int) -> Path:
-    """The run's PPO config, with the stop, logging and exporting under ``out``."""
+def ppo_with_stop(run: Path, out: Path, ratio: float | None, patience: int) -> Path:
+    """The run's PPO config, with the stop (none when ``ratio`` is None), logging and exporting under ``out``."""
     export = out / "ppo" / "policy"
     if (export / "config.json").is_file():
         return export
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))
     config["model"]["init_args"].update(policy=str(run / "sft" / "model"), reward_model=str(run / "reward" / "model"))
-    config["trainer"]["callbacks"].append({"class_path": "rlhf_lightning.guards.JudgeAgreementStop",
-                                           "init_args": {"ratio": ratio, "patience": patience}})
+    if ratio is not None:
+        config["trainer"]["callbacks"].append({"class_path": "rlhf_lightning.guards.JudgeAgreementStop",
+                                               "init_args": {"ratio": ratio, "patience": patience}})
     suite.fit(config, out / "configs" / "ppo.yaml")
     return export
 
@@ -47,21 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = suite.runs_argument_parser(__doc__)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--patience", type=int, default=1)
+    parser.add_argument("--plain", action="store_true",
+                        help="the same PPO run without the stop, with today's code (the methods runs may be older)")
     args = parser.parse_args(argv)
+    ratio = None if args.plain else args.ratio
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
             run = Path(args.runs) / task / f"seed{seed}" / args.method
-            out = Path(args.runs) / "early-stop" / f"ratio{args.ratio:g}-patience{args.patience}" / task / f"seed{seed}"
+            name = "plain" if args.plain else f"ratio{args.ratio:g}-patience{args.patience}"
+            out = Path(args.runs) / "early-stop" / name / task / f"seed{seed}"
             row_path = out / "row.json"
             if row_path.is_file():
                 rows.append(json.loads(row_path.read_text()))
                 continue
             started = time.perf_counter()
-            policy = ppo_with_stop(run, out, args.ratio, args.patience)
+            policy = ppo_with_stop(run, out, ratio, args.patience)
             seconds = time.perf_counter() - started
             iterations = len(read_scalars(out)["ppo"]["objective/kl"])
-            row = {"task": task, "seed": seed, "ratio": args.ratio, "iterations": iterations,
+            row = {"task": task, "seed": seed, "ratio": ratio, "iterations": iterations,
                    **suite.compare_with_sft(run, policy, task, seed, seconds)}
             row_path.write_text(json.dumps(row, indent=2) + "\n")
             rows.append(row)
