@@ -129,6 +129,7 @@ def load_ppo_models(
         members.append(load_reward_scorer(folder, tokenizer, reward_batch_size))
         loaded(members[-1].model)
     scorer: Any = None
+    implicit_models: list[torch.nn.Module] = []  # the implicit reward's models, but PPO's own reference
     if len(members) > 1:
         scorer = EnsembleScorer(members, ensemble_penalty)
     elif members:
@@ -136,9 +137,9 @@ def load_ppo_models(
     elif implicit_reward is not None:
         scorer = load_implicit_reward(implicit_reward, policy, tokenizer, reference_folder, reference_model,
                                       reward_batch_size)
-        for model in (scorer.model, scorer.reference):
-            if model is not reference_model:
-                loaded(model)
+        implicit_models = [m for m in (scorer.model, scorer.reference) if m is not reference_model]
+        for model in implicit_models:
+            loaded(model)
     elif reward_fn is not None:
         scorer = CallableScorer(reward_fn)
     critic_model: torch.nn.Module | None = None
@@ -153,8 +154,6 @@ def load_ppo_models(
         enable_gradient_checkpointing(critic_model)
     if critic_model is not None and not isinstance(critic_model, AdapterCritic):
         loaded(critic_model)
-    implicit_models = ([m for m in (scorer.model, scorer.reference) if m is not reference_model]
-                       if isinstance(scorer, ImplicitRewardScorer) else [])
     if lora is not None:
         loaded(policy_model)
     return PPOModels(policy_model.train(), reference_model, critic_model, [m.model for m in members], scorer,
