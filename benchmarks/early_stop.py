@@ -36,6 +36,8 @@ def ppo_with_stop(run: Path, out: Path, ratio: float | None, patience: int) -> P
     export = out / "ppo" / "policy"
     if (export / "config.json").is_file():
         return export
+    for stale in (out / "ppo").glob("events.out.tfevents*"):
+        stale.unlink()  # an interrupted fit's log: the iterations counted are this fit's
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))
     config["model"]["init_args"].update(policy=str(run / "sft" / "model"), reward_model=str(run / "reward" / "model"))
     if ratio is not None:
@@ -63,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             if row_path.is_file():
                 rows.append(json.loads(row_path.read_text()))
                 continue
+            fitted = not (out / "ppo" / "policy" / "config.json").is_file()
             started = time.perf_counter()
             policy = ppo_with_stop(run, out, ratio, args.patience)
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started if fitted else None  # (an earlier run's export: not timed)
             iterations = len(read_scalars(out)["ppo"]["objective/kl"])
             row = {"task": task, "seed": seed, "ratio": ratio, "iterations": iterations,
                    **suite.compare_with_sft(run, policy, task, seed, seconds)}

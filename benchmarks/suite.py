@@ -135,7 +135,7 @@ def generation_of(ppo_config: Path) -> GenerationSettings:
     return GenerationSettings(**(yaml.safe_load(ppo_config.read_text())["model"]["init_args"].get("generation") or {}))
 
 
-def compare_with_sft(run: Path, policy: Path, task: str, seed: int, seconds: float) -> dict[str, Any]:
+def compare_with_sft(run: Path, policy: Path, task: str, seed: int, seconds: float | None) -> dict[str, Any]:
     """The pipeline's comparison of ``policy`` with ``run``'s SFT policy (its PPO config's
     validation prompts and sampling, the task's judge, ``run``'s reward model for ``rho``): the
     table's columns, and ``seconds``."""
@@ -146,7 +146,7 @@ def compare_with_sft(run: Path, policy: Path, task: str, seed: int, seconds: flo
     comparison, _ = compare_policies(str(policy), str(run / "sft" / "model"), datamodule_records(ppo_config)[1],
                                      reward_model_dir=str(run / "reward" / "model"), generation=generation_of(ppo_config),
                                      judge=import_object(judge_path(task)), seed=seed)
-    return {**comparison_columns(comparison.to_dict()), "seconds": round(seconds, 1)}
+    return {**comparison_columns(comparison.to_dict()), "seconds": None if seconds is None else round(seconds, 1)}
 
 
 def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Path], run: Path | None = None,

@@ -222,7 +222,7 @@ def validations(stop: JudgeAgreementStop, readings: list[tuple[float, float] | N
 
 
 def test_judge_agreement_stop_fires_when_the_reward_model_stops_agreeing_with_the_judge():
-    # sentiment seed 0's readings (docs/benchmarks.md): 0.45 >= 0.5 x 0.83 goes on, 0.37 stops
+    # the validation readings of PPO on sentiment, seed 0: 0.45 >= 0.5 x 0.83 goes on, 0.37 stops
     assert validations(JudgeAgreementStop(ratio=0.5), [(0.81, 0.83), (0.45, 0.83), (0.37, 0.83)]) == [False, False, True]
     assert validations(JudgeAgreementStop(ratio=0.8), [(0.81, 0.83), (0.63, 0.83)]) == [False, True]
 
