@@ -29,8 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
-from rlhf_lightning.evaluation import compare_policies, reward_pair_scores  # noqa: E402
-from rlhf_lightning.generation import GenerationSettings  # noqa: E402
+from rlhf_lightning.evaluation import reward_pair_scores  # noqa: E402
 from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
 from rlhf_lightning.rlhf_math import pair_accuracy  # noqa: E402
 from rlhf_lightning.tasks import import_object, label_agreement  # noqa: E402
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs)
     rows = []
     for task in args.tasks:
-        judge = import_object(f"rlhf_lightning.tasks.{task}.judge")
+        judge = import_object(suite.judge_path(task))
         for seed in args.seeds:
             run = runs / task / f"seed{seed}" / args.method
             out = runs / "ensemble" / task / f"seed{seed}"
@@ -93,16 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             policy = run_ppo(run, out / f"k{args.penalty:g}", members, args.penalty)
             ppo_seconds = time.perf_counter() - started
-            ppo_config = out / f"k{args.penalty:g}" / "configs" / "ppo.yaml"
-            generation = yaml.safe_load(ppo_config.read_text())["model"]["init_args"].get("generation") or {}
-            comparison, _ = compare_policies(str(policy), str(run / "sft" / "model"), datamodule_records(ppo_config)[1],
-                                             reward_model_dir=str(members[0]), generation=GenerationSettings(**generation),
-                                             judge=judge, seed=seed)
             row = {
                 "task": task, "seed": seed, "penalty": args.penalty,
                 "acc_member1": accuracy[0], "acc_member2": accuracy[1], "acc_mean": accuracy[2],
-                "ceiling": label_agreement(held_out, judge), **suite.comparison_columns(comparison.to_dict()),
-                "member_seconds": round(member_seconds, 1), "ppo_seconds": round(ppo_seconds, 1),
+                "ceiling": label_agreement(held_out, judge), "member_seconds": round(member_seconds, 1),
+                # rho reads member 1, the run's own reward model, as in the single-model rows
+                **suite.compare_with_sft(run, policy, task, seed, ppo_seconds),
             }
             row_path.write_text(json.dumps(row, indent=2) + "\n")
             rows.append(row)
