@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rlhf_lightning.guards import (
@@ -18,6 +19,7 @@ from rlhf_lightning.guards import (
     NonFiniteGuard,
     TrainingHealthError,
 )
+from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.errors import UserInputError
 from rlhf_lightning.models import is_complete_hf_folder
 from rlhf_lightning.modules import PPOModule, PPOSettings
@@ -241,4 +243,25 @@ def test_judge_agreement_stop_needs_a_reward_model_that_agreed_and_a_judge():
         assert validations(JudgeAgreementStop(), [None, None]) == [False, False]
     with pytest.raises(UserInputError, match="0 < ratio <= 1"):
         JudgeAgreementStop(ratio=1.5)
+
+
+class DisagreeingJudge(PPOModule):
+    """Logs the two correlations a validation with a judge logs, as a reward model that has
+    stopped agreeing with the judge would give them."""
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self.log("eval/reward_gold_spearman", 0.1)
+        self.log("eval/ref_reward_gold_spearman", 0.8)
+
+
+def test_judge_agreement_stop_ends_a_real_run_at_that_validation_and_exports(byte_gpt2_dir: Path, tmp_path: Path):
+    module = small_ppo(byte_gpt2_dir, tmp_path, cls=DisagreeingJudge, max_iterations=4)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      max_epochs=-1, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                      callbacks=[JudgeAgreementStop(ratio=0.5)])
+    with pytest.warns(UserWarning, match="JudgeAgreementStop.*stopping here"):
+        trainer.fit(module, datamodule=PromptDataModule(batch_size=4, val_batch_size=4, max_length=64))
+    assert module.iteration == 2  # the first validation, not max_iterations
+    assert is_complete_hf_folder(tmp_path / "policy") and is_complete_hf_folder(tmp_path / "critic")
 
