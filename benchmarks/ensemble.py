@@ -99,11 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 # rho reads member 1, the run's own reward model, as in the single-model rows
                 **suite.compare_with_sft(run, policy, task, seed, ppo_seconds),
             }
-            row_path.write_text(json.dumps(row, indent=2) + "\n")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for row in rows:
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            suite.keep_row(row_path, row, rows)
+    suite.print_rows(rows)
     return 0
 
 

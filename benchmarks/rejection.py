@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in found:
                 print(json.dumps(row), flush=True)
     print(f"\nbest-of-{args.n} KL to SFT: at most {best_of_n_kl(args.n):.2f} nats")
-    for row in rows:
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    suite.print_rows(rows)
     return 0
 
 

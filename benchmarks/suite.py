@@ -237,6 +237,19 @@ def runs_argument_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def keep_row(path: Path, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Write ``row`` to ``path`` (a rerun skips its run), add it to ``rows`` and print it."""
+    path.write_text(json.dumps(row, indent=2) + "\n")
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """One line of ``key=value`` per row."""
+    for row in rows:
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argument_parser(__doc__).parse_args(argv)
     rows = []
