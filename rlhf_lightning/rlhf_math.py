@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_REDUCTIONS = ("sequence_mean", "token_mean", "constant")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust")
-DEFAULT_CHUNK_SIZE = 1024  # (batch, time) rows of logits upcast to float32 at once
+DEFAULT_CHUNK_SIZE = 256  # (batch, time) rows of logits upcast to float32 at once
 
 
 # ---------------------------------------------------------------------------------- logits
@@ -109,7 +109,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
         tokens: (b, t) int64, valid vocabulary ids everywhere (mask padding afterwards).
         temperature: the sampling temperature; use the same value at rollout and in training,
             otherwise the PPO ratio is not 1 on the first step [N].
-        chunk_size: at most this many (batch, time) rows are upcast at once (default 1024).
+        chunk_size: at most this many (batch, time) rows are upcast at once (default 256).
     Returns:
         (b, t) float32 (float64 for float64 logits): ``gathered_logit - logsumexp(logits)``.
         Differentiable w.r.t. ``logits``; the gradient has the logits' dtype.

@@ -121,7 +121,7 @@ class RolloutLoop:
     group_size: int = 1
     score_baseline: str = "none"
     advantage_estimator: str = "gae"
-    forward_batch_size: int = 16
+    forward_batch_size: int = 8
     all_reduce: Callable[[Tensor], Tensor] | None = None
     synced_gpus: bool = False
 

@@ -184,3 +184,7 @@ class KnownWarningsSilenced(Callback):
         restore_warnings(self.added)
         self.added = []
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # a fit that raises (or is interrupted) never reaches the callbacks' teardown hook
+        self.teardown(trainer, pl_module, "fit")
+

@@ -175,7 +175,8 @@ def test_sampling_stops_at_the_end_of_turn_token_and_the_missing_eos_rule_counts
     # own stopping (the generation config the package builds) and the package's masking.
     forced = LogitsProcessorList([ForcedTokens(prompt_ids.shape[1], at=2, tokens=[end, eos, None])])
     generate = policy.generate
-    policy.generate = lambda **kwargs: generate(**kwargs, logits_processor=forced)
+    # forced before the package's sampler (which then draws the forced token with probability 1)
+    policy.generate = lambda logits_processor, **kwargs: generate(**kwargs, logits_processor=forced + logits_processor)
     seen = {}
 
     def score_fn(responses):

@@ -182,3 +182,34 @@ def test_ppo_has_one_progress_bar_over_its_iterations(tmp_path: Path, byte_gpt2_
     assert seen["total"] == 3 and seen["completed"] == 3 and seen["description"] == "PPO iteration"
     assert trainer.current_epoch >= 1  # the run crossed a pass over the prompts on one bar
     assert {"score", "kl"} <= set(seen["metrics"])
+
+
+def test_a_ppo_fit_that_raises_leaves_no_warning_filter(tmp_path: Path, byte_gpt2_dir: Path):
+    """The filters PPO adds for its fit go away when the fit raises too (Lightning calls the
+    callbacks' teardown only after a fit that finished)."""
+    import pytest
+    from lightning.pytorch import Callback, Trainer
+
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.generation import GenerationSettings
+    from rlhf_lightning.modules import PPOModule, PPOSettings
+    from rlhf_lightning.tasks import gold_rewards
+
+    class Fail(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen = list(warnings.filters)  # the package's filters are in place here
+            raise RuntimeError("stop here")
+
+    module = PPOModule(policy=str(byte_gpt2_dir), reward_fn=gold_rewards, generation=GenerationSettings(max_new_tokens=4),
+                       ppo=PPOSettings(epochs=1, num_minibatches=1), max_iterations=3, policy_export_dir=None,
+                       critic_export_dir=None, health_guards=False)
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "review {i}:"}}\n' for i in range(4)))
+    data = PromptDataModule(train_file=str(tmp_path / "prompts.jsonl"), batch_size=2, max_length=32)
+    fail = Fail()
+    trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=False, callbacks=[fail])
+    before = list(warnings.filters)
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.fit(module, datamodule=data)
+    assert len(fail.seen) > len(before)  # they were added for the fit...
+    assert warnings.filters == before  # ...and are gone after it raised

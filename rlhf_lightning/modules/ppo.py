@@ -129,7 +129,7 @@ class PPOModule(ExportingModule):
         kl: KLSettings = KLSettings(),
         scores: ScoreSettings = ScoreSettings(),
         max_iterations: int | None = None,
-        forward_batch_size: int = 16,
+        forward_batch_size: int = 8,
         reward_batch_size: int = 64,
         gradient_checkpointing: bool = False,
         policy_export_dir: str | None = "outputs/ppo/policy",
