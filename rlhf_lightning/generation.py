@@ -125,23 +125,45 @@ class InverseCDFSampler(LogitsProcessor):
     probability 1e-12 at the end of a large vocabulary keeps its share): the first token whose cumulative probability exceeds ``u * total``,
     ``u ~ U[0, 1)`` from torch's global generator. It is the distribution ``torch.multinomial``
     samples, at a fraction of its cost on CPU, where ``torch.multinomial`` draws an exponential
-    variate for every vocabulary entry (34 ms against 2 ms for 32 rows of a 50257-token
+    variate for every vocabulary entry (33-34 ms against 2-5 ms for 32 rows of a 50257-token
     vocabulary on 2 cores, ``benchmarks/sampler.py``). Tokens of probability 0 (masked by top-k
     or top-p) are never drawn.
+
+    A row without a distribution (its softmax is NaN: every score ``-inf``, or a ``+inf`` that
+    temperature made of the largest float ``remove_invalid_values`` left) takes its largest
+    score, the limit of its distribution, where ``torch.multinomial`` would raise: a diverged
+    model's rollout then reaches :class:`~rlhf_lightning.guards.NonFiniteGuard`, which skips it.
     """
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1, dtype=torch.float64)
-        u = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        total = cdf[:, -1:]
+        u = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * total
         drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+        undefined = ~(total.isfinite() & (total > 0))
+        if undefined.any():
+            largest = scores.float().nan_to_num(nan=float("-inf")).argmax(dim=-1, keepdim=True)
+            drawn = torch.where(undefined, largest, drawn)
         return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+
+
+def _reproducible_by_sampler(config: GenerationConfig) -> bool:
+    """Whether :func:`drawn_by_inverse_cdf` reproduces ``config``'s sampling exactly: one
+    sequence per prompt, no beams, and no warper but temperature, top-k (given) and top-p."""
+    others = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+    return (
+        config.num_beams in (None, 1) and config.num_return_sequences in (None, 1) and config.top_k is not None
+        and all(getattr(config, key, default) in (None, default) for key, default in others.items())
+    )
 
 
 def drawn_by_inverse_cdf(config: GenerationConfig) -> tuple[GenerationConfig, LogitsProcessorList]:
     """The sampling of ``config`` (a :func:`sampling_config`), done by :class:`InverseCDFSampler`:
     a greedy copy of ``config``, and the processors that sample, in transformers' own order
-    (temperature, top-k, top-p, then the draw). A greedy ``config`` is returned as it is."""
-    if not config.do_sample:
+    (temperature, top-k, top-p, then the draw). A greedy ``config``, and one with settings the
+    sampler does not reproduce (beams, several sequences per prompt, min-p and the other
+    warpers, top-k left to transformers' default), is returned as it is: transformers samples it."""
+    if not config.do_sample or not _reproducible_by_sampler(config):
         return config, LogitsProcessorList()
     processors = LogitsProcessorList()
     if config.temperature is not None and config.temperature != 1.0:
@@ -173,6 +195,10 @@ def generate_responses(
     """
     config, sampler = drawn_by_inverse_cdf(config)
     generate_kwargs["logits_processor"] = LogitsProcessorList([*generate_kwargs.get("logits_processor", []), *sampler])
+    if sampler:
+        # transformers 4.x fills a config's default-valued fields (do_sample=False) from the
+        # model's generation config; a keyword argument is applied after that
+        generate_kwargs["do_sample"] = False
     # transformers drops an all-ones mask (prompts of one length) before decoding, then advises
     # passing one when a finished row feeds back the pad token: dropped, the mask was passed.
     # (transformers gives it once per process: after this call a later one would not show either way.)

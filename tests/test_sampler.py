@@ -4,6 +4,7 @@ sampling setting the package passes (temperature, top-k, top-p)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
@@ -43,6 +44,34 @@ def test_a_token_with_all_the_mass_is_always_drawn():
     assert torch.equal(draw_counts([0.0, 0.0, 1.0, 0.0], 1000), torch.tensor([0, 0, 1000, 0]))
 
 
+@pytest.mark.parametrize("u, probs, expected", [
+    (0.0, [0.0, 0.0, 1.0], 2),  # u = 0 skips the leading tokens of probability 0
+    (0.5, [0.5, 0.5, 0.0], 1),  # a cumulative value equal to u belongs to the token before: the next one
+    (1.0 - 2**-53, [0.5, 0.5, 0.0, 0.0], 1),  # the largest u never reaches the trailing zeros
+])
+def test_the_draw_at_the_boundaries_of_the_cumulative_distribution(monkeypatch, u, probs, expected):
+    monkeypatch.setattr(torch, "rand", lambda *shape, dtype=None, device=None: torch.full(shape, u, dtype=dtype))
+    out = InverseCDFSampler()(torch.zeros(1, 1, dtype=torch.long), torch.tensor([probs]).log())
+    assert out[0].argmax().item() == expected and out[0, expected] == 0
+
+
+def test_a_row_without_a_distribution_takes_its_largest_score():
+    inf = float("inf")
+    scores = torch.tensor([[0.0, inf, 1.0], [-inf, -inf, -inf], [0.0, 3.0, 1.0]])
+    out = InverseCDFSampler()(torch.zeros(3, 1, dtype=torch.long), scores)
+    assert out[0].argmax().item() == 1  # +inf (a diverged model's logit after temperature)
+    assert torch.isfinite(out[1]).sum() == 1  # no distribution at all: still exactly one token
+    assert torch.isfinite(out[2]).sum() == 1
+
+
+def test_settings_the_sampler_does_not_reproduce_are_left_to_transformers():
+    for config in (GenerationConfig(do_sample=True, top_k=0, num_beams=2), GenerationConfig(do_sample=True, top_k=0, min_p=0.1),
+                   GenerationConfig(do_sample=True, top_k=0, typical_p=0.5), GenerationConfig(do_sample=True, top_k=0,
+                   num_return_sequences=2), GenerationConfig(do_sample=True, top_k=None)):
+        assert drawn_by_inverse_cdf(config) == (config, [])
+    assert len(drawn_by_inverse_cdf(GenerationConfig(do_sample=True, top_k=0))[1]) == 1
+
+
 def test_sampling_configs_become_greedy_with_the_warpers_in_transformers_order():
     tokenizer = byte_tokenizer()
     config, processors = drawn_by_inverse_cdf(sampling_config(tokenizer, 8, temperature=0.7, top_k=5, top_p=0.9))
@@ -61,15 +90,20 @@ def test_generate_draws_from_the_top_k_tokens_at_the_sampling_temperature():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(40)  # (tied to the head) a top-2 gap a missing temperature would show
     rows = 4000
     ids = torch.full((rows, 3), 70)
     config = sampling_config(tokenizer, 1, temperature=0.5, top_k=2, stop_ids=[tokenizer.eos_token_id])
     torch.manual_seed(1)
     drawn = generate_responses(model, ids, torch.ones_like(ids), config)[:, 0]
     with torch.no_grad():
-        logits = model(ids[:1]).logits[0, -1] / 0.5
-    top = logits.topk(2)
-    expected = torch.softmax(top.values, -1)
+        logits = model(ids[:1]).logits[0, -1]
+    top = (logits / 0.5).topk(2)
+    expected = torch.softmax(top.values, -1).double()
+    tolerance = 5 * (expected[0] * expected[1] / rows).sqrt()
     assert set(drawn.unique().tolist()) <= set(top.indices.tolist())
     share = (drawn == top.indices[0]).double().mean()
-    assert abs(share - expected[0].double()) < 5 * (expected[0] * expected[1] / rows).sqrt()
+    assert abs(share - expected[0]) < tolerance
+    at_temperature_1 = torch.softmax(logits[top.indices], -1).double()[0]
+    assert abs(at_temperature_1 - expected[0]) > 4 * tolerance  # the check above would see temperature 1
