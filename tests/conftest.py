@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -105,6 +106,16 @@ def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 300) -> N
             raise AssertionError("the run ended before it reached the kill point:\n" + process.stdout.read()[-3000:])
         assert time.monotonic() < deadline, "timed out waiting for the run to reach the kill point"
         time.sleep(0.2)
+
+
+def load_script(path: Path, name: str):
+    """The Python file at ``path`` (a benchmark or an example script) imported as module ``name``
+    (registered in ``sys.modules``: its dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_lines(path: Path, lines: list) -> Path:

@@ -3,7 +3,6 @@ shape every setup runs one PPO iteration in its own subprocess and reports each 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "memory.py"
 #: Qwen2-0.5B's parameter count (tied input embedding and output head counted once).
@@ -20,11 +21,7 @@ QWEN2_05B_PARAMETERS = 494_032_768
 
 
 def load_memory_benchmark():
-    spec = importlib.util.spec_from_file_location("memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "memory_benchmark")
 
 
 def test_the_qwen2_shape_is_qwen2_0_5b():

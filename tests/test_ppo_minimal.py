@@ -7,8 +7,6 @@ iteration from the same state, and the rollouts and the updated weights must agr
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -20,18 +18,14 @@ from rlhf_lightning.generation import GenerationSettings
 from rlhf_lightning.models import byte_tokenizer, load_sequence_scorer, load_tokenizer, save_hf_folder
 from rlhf_lightning.modules import KLSettings, PPOModule, PPOSettings, ScoreSettings
 
-from .conftest import save_tiny_gpt2
+from .conftest import load_script, save_tiny_gpt2
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppo_minimal.py"
 EXACT = dict(atol=1e-6, rtol=0.0)
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("ppo_minimal", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # dataclasses look their module up there
-    spec.loader.exec_module(example)
-    return example
+    return load_script(EXAMPLE, "ppo_minimal")
 
 
 class RecordingPPO(PPOModule):

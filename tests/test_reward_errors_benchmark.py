@@ -3,24 +3,22 @@ kinds' lost points add up to the gap to the noise ceiling."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reward_errors_benchmark", ROOT / "benchmarks" / "reward_errors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_errors_script():
+    return load_script(ROOT / "benchmarks" / "reward_errors.py", "reward_errors_benchmark")
 
 
 def test_repeated_words_ignore_short_and_common_ones():
-    script = load_script()
+    script = load_errors_script()
     assert script.repeats_a_word(" apple, banana, apple.")
     assert script.repeats_a_word(" so charming and Charming.")
     assert not script.repeats_a_word(" the cat and the dog and a fox.")  # "the", "and"; "a" is short
@@ -28,7 +26,7 @@ def test_repeated_words_ignore_short_and_common_ones():
 
 
 def test_kinds_of_pairs_and_their_share_of_the_gap(monkeypatch):
-    script = load_script()
+    script = load_errors_script()
     prompt = "List two fruits:"
     records = [
         {"prompt": prompt, "chosen": " apple, banana.", "rejected": " apple."},        # valid / valid

@@ -3,19 +3,17 @@ folders, the seed and the judge may differ from the recipe."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
+
+from .conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_suite():
-    spec = importlib.util.spec_from_file_location("suite_benchmark", ROOT / "benchmarks" / "suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "suite.py", "suite_benchmark")
 
 
 def flatten(value, prefix=""):
@@ -71,10 +69,7 @@ def test_oracle_mode_and_overrides(tmp_path: Path):
 
 
 def load_methods():
-    spec = importlib.util.spec_from_file_location("methods_benchmark", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "methods.py", "methods_benchmark")
 
 
 #: What a method's demo config may change in configs/demo/ppo.yaml: its estimator and what the
