@@ -611,33 +611,6 @@ def likelihood_distillation_loss(predicted: Tensor, log_likelihoods: Tensor, mas
 
 
 
-def repeated_token_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Whether each real token repeats an earlier real token of its row: float32 ``(b, t)``,
-    1.0 or 0.0 (0.0 at padding), and the bool mask ``(b, t)`` of the real tokens. Any padding
-    side; ``O(t^2)`` per row.
-
-    The targets of :class:`~rlhf_lightning.modules.RewardModule`'s ``repetition_coef``.
-    """
-    real = attention_mask.bool()
-    t = input_ids.shape[1]
-    same = input_ids.unsqueeze(-1) == input_ids.unsqueeze(-2)  # [b, i, j]: token i equals token j
-    earlier = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril(-1)  # j < i
-    repeated = (same & earlier & real.unsqueeze(-2)).any(dim=-1) & real
-    return repeated.float(), real
-
-
-def repetition_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """Binary cross-entropy of ``logits`` ``(b, t)`` against ``targets`` (from
-    :func:`repeated_token_targets`), averaged over the positions in ``mask`` (0 when it is empty).
-
-    A head on every token's hidden state learns whether that token occurred earlier in the
-    text, so that the backbone marks repetitions (a list item or an adjective said twice)
-    where they happen, for the reward's token to attend to.
-    """
-    losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return masked_mean(losses, mask)
-
-
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """0-dim ``1 - var(returns - values) / var(returns)`` over the masked entries.
 

@@ -28,8 +28,6 @@ from rlhf_lightning.rlhf_math import (
     last_token_index,
     likelihood_distillation_loss,
     pair_accuracy,
-    repeated_token_targets,
-    repetition_loss,
     token_log_likelihoods,
 )
 from rlhf_lightning.tasks import SentimentTask
@@ -75,25 +73,6 @@ def test_token_log_likelihoods_hand_computed():
     # right padding: the last position predicts a pad, which does not count either
     _, predicted = token_log_likelihoods(logits, ids, torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert predicted.tolist() == [[True, False], [True, True]]
-
-
-def test_repeated_token_targets_hand_computed():
-    ids = torch.tensor([[5, 7, 5, 5, 0], [0, 0, 3, 4, 3]])  # right- and left-padded with 0
-    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
-    targets, real = repeated_token_targets(ids, mask)
-    assert targets.tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]  # padding 0s repeat nothing
-    assert torch.equal(real, mask.bool())
-
-
-def test_repetition_loss_hand_computed():
-    mask = torch.tensor([[True, True, False]])
-    # logits 0: BCE log 2 at both counted positions; the uncounted 100 plays no part
-    loss = repetition_loss(torch.tensor([[0.0, 0.0, 100.0]]), torch.tensor([[1.0, 0.0, 0.0]]), mask)
-    assert loss.item() == pytest.approx(math.log(2))
-    # logit log 3 on target 1: -log(3/4); on target 0: -log(1/4); mean of the two
-    loss = repetition_loss(torch.full((1, 3), math.log(3)), torch.tensor([[1.0, 0.0, 1.0]]), mask)
-    assert loss.item() == pytest.approx((math.log(4 / 3) + math.log(4)) / 2)
-    assert repetition_loss(torch.ones(1, 2), torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.bool)).item() == 0.0
 
 
 def test_likelihood_distillation_loss_hand_computed():
@@ -299,27 +278,25 @@ def test_fit_learns_exports_and_plain_hf_reload_gives_same_scores(request, tmp_p
     assert (ours[:3] > ours[3:]).all()  # it learned the preference
 
 
-def test_auxiliary_losses_train_their_heads_and_export_a_plain_reward_model(tmp_path: Path, bpe_gpt2_dir: Path):
+def test_likelihood_distillation_trains_its_head_and_exports_a_plain_reward_model(tmp_path: Path, bpe_gpt2_dir: Path):
     train = write_lines(tmp_path / "train.jsonl", _pairs(24))
     demos = write_lines(tmp_path / "demos.jsonl", DEMOS)
     export = tmp_path / "reward-model"
     module = RewardModule(str(bpe_gpt2_dir), learning_rate=3e-3, warmup_steps=2, export_dir=str(export),
-                          normalize_file=str(demos), likelihood_distillation_coef=1.0, repetition_coef=1.0)
+                          normalize_file=str(demos), likelihood_distillation_coef=1.0)
     module.configure_model()
-    heads_before = {name: head.weight.detach().clone() for name, head in module.auxiliary_heads().items()}
-    assert set(heads_before) == {"likelihood_head", "repetition_head"}
+    head_before = module.likelihood_head.weight.detach().clone()
     data = PreferenceDataModule(train_file=str(train), val_fraction=0.25, batch_size=6)
     trainer = Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     trainer.fit(module, datamodule=data)
-    for name, before in heads_before.items():
-        assert torch.isfinite(trainer.callback_metrics[f"train/{name.removesuffix('_head')}_loss"])
-        assert not torch.allclose(getattr(module, name).weight, before)  # the optimiser trains it
-        assert f"{name}.weight" in module.state_dict()  # so a resumed fit keeps it
+    assert torch.isfinite(trainer.callback_metrics["train/likelihood_loss"])
+    assert not torch.allclose(module.likelihood_head.weight, head_before)  # the optimiser trains it
+    assert "likelihood_head.weight" in module.state_dict()  # so a resumed fit keeps it
 
     model, info = AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert not any("likelihood" in key or "repetition" in key for key in model.state_dict())
+    assert not any("likelihood" in key for key in model.state_dict())
     sequences = _sequences(module.tokenizer)
     ids, mask = pad(sequences, module.tokenizer.pad_token_id), attention_mask_for(sequences)
     torch.testing.assert_close(score_sequences(model, ids, mask), score_sequences(module.model, ids, mask))

@@ -22,14 +22,7 @@ from ..forwards import (
     score_sequences,
     sequence_rewards,
 )
-from ..rlhf_math import (
-    bradley_terry_loss,
-    likelihood_distillation_loss,
-    pair_accuracy,
-    repeated_token_targets,
-    repetition_loss,
-    token_log_likelihoods,
-)
+from ..rlhf_math import bradley_terry_loss, likelihood_distillation_loss, pair_accuracy, token_log_likelihoods
 from ..terminal import spearman_corrcoef
 from .base import HFModelModule
 from .export import export_at_fit_end
@@ -81,10 +74,6 @@ class RewardModule(HFModelModule):
         likelihood_teacher: the causal-LM folder whose log-probabilities the auxiliary loss
             distils, when ``model_name_or_path`` is not it (e.g. a reward model trained further,
             as ``rlhf-lightning iterate`` does: give the SFT export). None: ``model_name_or_path``.
-        repetition_coef: weight of an auxiliary training loss (0 disables it): a third linear
-            head on every token's hidden state learns whether that token occurred earlier in the
-            row (:func:`~rlhf_lightning.rlhf_math.repetition_loss`), so that the backbone marks
-            repetitions where they happen. Not exported. See docs/reward.md.
         gradient_checkpointing: trade compute for memory on large models.
         lora: train a LoRA adapter, and the scalar head, instead of every weight (needs the
             ``lora`` extra, ``peft``); the export is the merged model (:mod:`rlhf_lightning.lora`).
@@ -120,7 +109,6 @@ class RewardModule(HFModelModule):
         centering_coef: float = 0.0,
         likelihood_distillation_coef: float = 0.0,
         likelihood_teacher: str | None = None,
-        repetition_coef: float = 0.0,
         gradient_checkpointing: bool = False,
         lora: LoRASettings | None = None,
         export_dir: str | None = "outputs/reward/model",
@@ -134,13 +122,10 @@ class RewardModule(HFModelModule):
         super().__init__()
         if likelihood_distillation_coef < 0:
             raise ValueError(f"likelihood_distillation_coef must be >= 0, got {likelihood_distillation_coef}")
-        if repetition_coef < 0:
-            raise ValueError(f"repetition_coef must be >= 0, got {repetition_coef}")
         self.save_hyperparameters(ignore=["judge", "lora"])
         self.use_lora(lora)
         self.judge = judge
         self.likelihood_head: torch.nn.Linear | None = None
-        self.repetition_head: torch.nn.Linear | None = None
         self.reward_offset: float | None = None
         self._gold_scores: dict[tuple[int, ...], float] | None = None
         self._normalization_records: list[Record] | None = None
@@ -161,24 +146,18 @@ class RewardModule(HFModelModule):
         if self.hparams.likelihood_distillation_coef > 0:
             self.load_frozen_reference(self.hparams.likelihood_teacher or self.hparams.model_name_or_path)
             self.likelihood_head = torch.nn.Linear(self.model.config.hidden_size, 1)
-        if self.hparams.repetition_coef > 0:
-            self.repetition_head = torch.nn.Linear(self.model.config.hidden_size, 1)
-
-    def auxiliary_heads(self) -> dict[str, torch.nn.Linear]:
-        """The trained heads of the auxiliary losses, by name (not exported)."""
-        heads = {"likelihood_head": self.likelihood_head, "repetition_head": self.repetition_head}
-        return {name: head for name, head in heads.items() if head is not None}
 
     def sharded_models(self) -> list[torch.nn.Module]:
-        """The model, the likelihood teacher and the auxiliary heads (trained: FSDP averages their
+        """The model, the likelihood teacher and the likelihood head (trained: FSDP averages its
         gradients over the ranks)."""
-        return [*super().sharded_models(), *self.auxiliary_heads().values()]
+        head = [] if self.likelihood_head is None else [self.likelihood_head]
+        return [*super().sharded_models(), *head]
 
     def optimized_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """The model's parameters, and the auxiliary heads'."""
+        """The model's parameters, and the auxiliary likelihood head's when there is one."""
         yield from self.model.named_parameters()
-        for name, head in self.auxiliary_heads().items():
-            yield from head.named_parameters(prefix=name)
+        if self.likelihood_head is not None:
+            yield from self.likelihood_head.named_parameters(prefix="likelihood_head")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw rewards ``(b,)`` of the rows, with grad."""
@@ -195,11 +174,6 @@ class RewardModule(HFModelModule):
             distillation = self._likelihood_distillation(input_ids, attention_mask, hidden)
             self.log("train/likelihood_loss", distillation, batch_size=n_pairs)
             loss = loss + self.hparams.likelihood_distillation_coef * distillation
-        if self.repetition_head is not None and self.training:
-            repetition = repetition_loss(self.repetition_head(hidden).squeeze(-1),
-                                         *repeated_token_targets(input_ids, attention_mask))
-            self.log("train/repetition_loss", repetition, batch_size=n_pairs)
-            loss = loss + self.hparams.repetition_coef * repetition
         return loss, chosen.detach(), rejected.detach()
 
     def _likelihood_distillation(
