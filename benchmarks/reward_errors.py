@@ -1,19 +1,25 @@
 """Where a reward model loses its accuracy: the held-out pairs of suite runs, by kind of pair.
 
 For each run folder (``<runs>/<task>/seed<seed>``, as ``benchmarks/suite.py`` writes them) it
-scores the reward stage's validation pairs with the run's reward model and the run's judge, and
-splits them by the judge's validity check into valid / valid, valid / invalid (split again by
-whether the invalid response repeats a word) and invalid / invalid pairs. Per kind it prints:
+scores the reward stage's validation pairs with the run's reward model and with the judge its
+reward config names, and splits them by the judge's validity check into valid / valid, valid /
+invalid (split again by whether the invalid response repeats a word) and invalid / invalid
+pairs (a judge without a validity check gives one row of all pairs). Per kind it prints:
 
 - ``n``: pairs of that kind;
 - ``acc``: the reward model's accuracy against the noisy labels (ties 0.5), as ``val/accuracy``;
-- ``ceiling``: the judge's agreement with those labels (ties 0.5), the best ``acc`` can be;
-- ``rm~judge``: how often the reward model orders the pair as the judge does (judge ties left out);
+- ``ceiling``: the judge's agreement with those labels (ties 0.5), what a reward model that
+  ranks as the judge does would reach (a kind's ``acc`` can exceed it by chance or by the
+  model ranking like the rater's noise, as on pairs of two invalid responses);
+- ``rm~judge``: how often the reward model orders the pair as the judge does (judge ties left
+  out, a reward-model tie counts one half);
 - ``lost``: ``(ceiling - acc) * n / N`` in points, that kind's share of the run's gap to the
   ceiling (the kinds' ``lost`` add up to the gap).
 
-A word repeats when a word of three letters or more (other than "the" and "and") occurs twice:
-the item, detail or adjective said twice that the built-in tasks' judges mark invalid.
+A response repeats a word when a word of three letters or more occurs twice in it that no valid
+response of the validation pairs ever repeats (so describe's shared adjectives and "very", which
+valid descriptions may use twice, do not count; its nouns do): the item, detail or adjective said
+twice that the built-in tasks' judges mark invalid.
 
     python benchmarks/reward_errors.py --runs outputs/suite-demo --seeds 0 1
 """
@@ -22,63 +28,69 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import suite  # noqa: E402
+import yaml
 
-from rlhf_lightning.evaluation import reward_pair_scores  # noqa: E402
-from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
-from rlhf_lightning.rlhf_math import pair_accuracy  # noqa: E402
-from rlhf_lightning.tasks import BUILTIN_TASKS, import_object  # noqa: E402
-from rlhf_lightning.tasks.base import compare  # noqa: E402
+from rlhf_lightning.evaluation import reward_pair_scores
+from rlhf_lightning.pipeline import datamodule_records
+from rlhf_lightning.rlhf_math import pair_accuracy
+from rlhf_lightning.tasks import BUILTIN_TASKS, import_object
+from rlhf_lightning.tasks.base import compare, judge_validity
 
 _WORD = re.compile(r"[a-z]{3,}")
-_COMMON = {"the", "and"}
 KINDS = ("valid / valid", "valid / invalid, repeats a word", "valid / invalid, other", "invalid / invalid")
+ALL_PAIRS = "all pairs (the judge has no validity check)"
 
 
-def repeats_a_word(text: str) -> bool:
-    counts = Counter(w for w in _WORD.findall(text.lower()) if w not in _COMMON)
-    return any(c > 1 for c in counts.values())
+def repeated_words(text: str) -> set[str]:
+    """The words of three letters or more that occur more than once in ``text`` (lowercased)."""
+    return {w for w, c in Counter(_WORD.findall(text.lower())).items() if c > 1}
 
 
-def pair_kind(valid_chosen: bool, valid_rejected: bool, invalid_text: str | None) -> str:
+def pair_kind(valid_chosen: bool, valid_rejected: bool, invalid_text: str, allowed_repeats: set[str]) -> str:
+    """The kind of a pair; ``allowed_repeats``: the words some valid response repeats."""
     if valid_chosen and valid_rejected:
         return KINDS[0]
     if valid_chosen or valid_rejected:
-        return KINDS[1] if repeats_a_word(invalid_text or "") else KINDS[2]
+        return KINDS[1] if repeated_words(invalid_text) - allowed_repeats else KINDS[2]
     return KINDS[3]
 
 
 def error_table(run: Path) -> list[dict]:
     """One row per kind of the run's held-out pairs (see the module docstring)."""
-    config = run / "configs" / "reward.yaml"
-    records = datamodule_records(config)[1]
-    judge = import_object(suite.judge_path(run.parent.name))
+    config = yaml.safe_load((run / "configs" / "reward.yaml").read_text())
+    records = datamodule_records(run / "configs" / "reward.yaml")[1]
+    judge = import_object(config["model"]["init_args"]["judge"])
     prompts = [r["prompt"] for r in records]
     chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
     gold_chosen, gold_rejected = judge(prompts, chosen), judge(prompts, rejected)
-    valid_chosen, valid_rejected = judge.is_valid(prompts, chosen), judge.is_valid(prompts, rejected)
-    scores = reward_pair_scores(str(run / "reward" / "model"), records)
+    valid_chosen, valid_rejected = judge_validity(judge, prompts, chosen), judge_validity(judge, prompts, rejected)
+    scores = reward_pair_scores(str(run / "reward" / "model"), records, config["data"]["init_args"].get("max_length", 256))
     accuracy = pair_accuracy(scores[:, 0], scores[:, 1]).tolist()
-    sums: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0, 0])  # n, acc, ceiling, agree, untied
-    for i in range(len(records)):
-        invalid = rejected[i] if not valid_rejected[i] else chosen[i] if not valid_chosen[i] else None
-        row = sums[pair_kind(valid_chosen[i], valid_rejected[i], invalid)]
+    if valid_chosen is None or valid_rejected is None:
+        kinds = [ALL_PAIRS] * len(records)
+    else:
+        allowed = {w for texts, valid in ((chosen, valid_chosen), (rejected, valid_rejected))
+                   for text, ok in zip(texts, valid) if ok for w in repeated_words(text)}
+        kinds = [pair_kind(bool(valid_chosen[i]), bool(valid_rejected[i]),
+                           rejected[i] if not valid_rejected[i] else chosen[i], allowed) for i in range(len(records))]
+    sums: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0])  # n, acc, ceiling, agree, untied
+    for i, kind in enumerate(kinds):
+        row = sums[kind]
         row[0] += 1
         row[1] += accuracy[i]
-        row[2] += compare(gold_chosen[i], gold_rejected[i])
-        if gold_chosen[i] != gold_rejected[i]:
+        judged = compare(gold_chosen[i], gold_rejected[i])
+        row[2] += judged
+        if judged != 0.5:
             row[4] += 1
-            row[3] += (scores[i, 0] > scores[i, 1]).item() == (gold_chosen[i] > gold_rejected[i])
+            row[3] += 1 - abs(compare(scores[i, 0].item(), scores[i, 1].item()) - judged)
     total = len(records)
     return [
         {"kind": kind, "n": n, "acc": acc / n, "ceiling": ceiling / n, "rm~judge": agree / untied if untied else None,
          "lost": 100 * (ceiling - acc) / total}
-        for kind in KINDS if kind in sums for n, acc, ceiling, agree, untied in [sums[kind]]
+        for kind in (*KINDS, ALL_PAIRS) if kind in sums for n, acc, ceiling, agree, untied in [sums[kind]]
     ]
 
 

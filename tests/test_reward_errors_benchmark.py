@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from .conftest import load_script
 
@@ -17,35 +18,42 @@ def load_errors_script():
     return load_script(ROOT / "benchmarks" / "reward_errors.py", "reward_errors_benchmark")
 
 
-def test_repeated_words_ignore_short_and_common_ones():
+def test_repeated_words_are_those_of_three_letters_or_more():
     script = load_errors_script()
-    assert script.repeats_a_word(" apple, banana, apple.")
-    assert script.repeats_a_word(" so charming and Charming.")
-    assert not script.repeats_a_word(" the cat and the dog and a fox.")  # "the", "and"; "a" is short
-    assert not script.repeats_a_word(" axe, saw.")
+    assert script.repeated_words(" apple, banana, apple.") == {"apple"}
+    assert script.repeated_words(" so charming and Charming and fun.") == {"charming", "and"}
+    assert script.repeated_words(" a cat, a dog.") == set()  # "a" is too short
 
 
-def test_kinds_of_pairs_and_their_share_of_the_gap(monkeypatch):
+def test_kinds_of_pairs_and_their_share_of_the_gap(monkeypatch, tmp_path: Path):
     script = load_errors_script()
     prompt = "List two fruits:"
     records = [
         {"prompt": prompt, "chosen": " apple, banana.", "rejected": " apple."},        # valid / valid
+        {"prompt": prompt, "chosen": " apple, banana.", "rejected": " banana, apple."},  # a judge tie
         {"prompt": prompt, "chosen": " apple, apple.", "rejected": " apple, banana."},  # a noisy label; repeat
         {"prompt": prompt, "chosen": " apple, banana.", "rejected": " apple, banana"},  # no final period
-        {"prompt": prompt, "chosen": " apple, apple.", "rejected": " kiwi"},            # invalid / invalid
+        {"prompt": prompt, "chosen": " kiwi, kiwi.", "rejected": " kiwi"},              # invalid / invalid
     ]
-    scores = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 1.0], [3.0, 3.0]])
     monkeypatch.setattr(script, "datamodule_records", lambda config: ([], records))
-    monkeypatch.setattr(script, "reward_pair_scores", lambda folder, recs: scores)
-    rows = {row["kind"]: row for row in script.error_table(Path("runs/lists/seed0"))}
+    monkeypatch.setattr(script, "reward_pair_scores", lambda folder, recs, max_length: scores)
+    run = tmp_path / "lists" / "seed0"
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "reward.yaml").write_text(yaml.safe_dump(
+        {"model": {"init_args": {"judge": "rlhf_lightning.tasks.lists.judge"}}, "data": {"init_args": {"max_length": 128}}}))
+    rows = {row["kind"]: row for row in script.error_table(run)}
     assert list(rows) == list(script.KINDS)
-    assert all(row["n"] == 1 for row in rows.values())
-    assert rows["valid / valid"]["acc"] == 1 and rows["valid / valid"]["ceiling"] == 1
+    assert [row["n"] for row in rows.values()] == [2, 1, 1, 1]
+    both_valid = rows["valid / valid"]
+    # acc (1 + 0) / 2; ceiling (1 + 0.5) / 2; the tie is left out of rm~judge
+    assert (both_valid["acc"], both_valid["ceiling"], both_valid["rm~judge"]) == (0.5, 0.75, 1.0)
     repeat = rows["valid / invalid, repeats a word"]
     assert (repeat["acc"], repeat["ceiling"], repeat["rm~judge"]) == (1, 0, 0)  # follows the noisy label
     other = rows["valid / invalid, other"]
     assert (other["acc"], other["ceiling"], other["rm~judge"]) == (0, 1, 0)
-    assert rows["invalid / invalid"]["acc"] == 0.5  # a tie of the reward model counts one half
-    accuracy = sum(row["acc"] for row in rows.values()) / 4
-    ceiling = sum(row["ceiling"] for row in rows.values()) / 4
-    assert sum(row["lost"] for row in rows.values()) == pytest.approx(100 * (ceiling - accuracy))
+    neither = rows["invalid / invalid"]  # the judge prefers " kiwi" (no repeat); the reward model ties
+    assert (neither["acc"], neither["ceiling"], neither["rm~judge"]) == (0.5, 0, 0.5)
+    # accuracy 2.5 / 5, ceiling 2.5 / 5: no gap, so the kinds' lost points cancel
+    assert [round(row["lost"], 6) for row in rows.values()] == [10.0, -20.0, 20.0, -10.0]
+    assert sum(row["lost"] for row in rows.values()) == pytest.approx(0.0)
