@@ -151,15 +151,24 @@ def test_the_package_spearman_metric_does_not_warn():
     assert [w for w in caught if "SpearmanCorrcoef" in str(w.message)]
 
 
-def test_ppo_has_one_progress_bar_over_its_iterations(tmp_path: Path, byte_gpt2_dir: Path):
-    """PPO's bar counts iterations over the whole run (prompt passes do not restart it) and shows
-    the score and KL."""
-    from lightning.pytorch import Trainer
-
+def tiny_ppo(tmp_path: Path, policy_dir: Path):
+    """A 3-iteration PPO module on the judge's reward and a data module of 4 prompts (2 batches a pass)."""
     from rlhf_lightning.data import PromptDataModule
     from rlhf_lightning.generation import GenerationSettings
     from rlhf_lightning.modules import PPOModule, PPOSettings
     from rlhf_lightning.tasks import gold_rewards
+
+    module = PPOModule(policy=str(policy_dir), reward_fn=gold_rewards, generation=GenerationSettings(max_new_tokens=4),
+                       ppo=PPOSettings(epochs=1, num_minibatches=1), max_iterations=3, policy_export_dir=None,
+                       critic_export_dir=None, health_guards=False)
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "review {i}:"}}\n' for i in range(4)))
+    return module, PromptDataModule(train_file=str(tmp_path / "prompts.jsonl"), batch_size=2, max_length=32)
+
+
+def test_ppo_has_one_progress_bar_over_its_iterations(tmp_path: Path, byte_gpt2_dir: Path):
+    """PPO's bar counts iterations over the whole run (prompt passes do not restart it) and shows
+    the score and KL."""
+    from lightning.pytorch import Trainer
 
     seen = {}
 
@@ -170,11 +179,7 @@ def test_ppo_has_one_progress_bar_over_its_iterations(tmp_path: Path, byte_gpt2_
                         metrics=self.get_metrics(trainer, pl_module))
             super().on_train_end(trainer, pl_module)
 
-    module = PPOModule(policy=str(byte_gpt2_dir), reward_fn=gold_rewards, generation=GenerationSettings(max_new_tokens=4),
-                       ppo=PPOSettings(epochs=1, num_minibatches=1), max_iterations=3, policy_export_dir=None,
-                       critic_export_dir=None, health_guards=False)
-    data = PromptDataModule(train_file=str(tmp_path / "prompts.jsonl"), batch_size=2, max_length=32)
-    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "review {i}:"}}\n' for i in range(4)))  # 2 batches a pass
+    module, data = tiny_ppo(tmp_path, byte_gpt2_dir)
     trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
                       num_sanity_val_steps=0, enable_model_summary=False, callbacks=[Recording()])
     with terminal_output():
@@ -190,21 +195,12 @@ def test_a_ppo_fit_that_raises_leaves_no_warning_filter(tmp_path: Path, byte_gpt
     import pytest
     from lightning.pytorch import Callback, Trainer
 
-    from rlhf_lightning.data import PromptDataModule
-    from rlhf_lightning.generation import GenerationSettings
-    from rlhf_lightning.modules import PPOModule, PPOSettings
-    from rlhf_lightning.tasks import gold_rewards
-
     class Fail(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.seen = list(warnings.filters)  # the package's filters are in place here
             raise RuntimeError("stop here")
 
-    module = PPOModule(policy=str(byte_gpt2_dir), reward_fn=gold_rewards, generation=GenerationSettings(max_new_tokens=4),
-                       ppo=PPOSettings(epochs=1, num_minibatches=1), max_iterations=3, policy_export_dir=None,
-                       critic_export_dir=None, health_guards=False)
-    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "review {i}:"}}\n' for i in range(4)))
-    data = PromptDataModule(train_file=str(tmp_path / "prompts.jsonl"), batch_size=2, max_length=32)
+    module, data = tiny_ppo(tmp_path, byte_gpt2_dir)
     fail = Fail()
     trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
                       num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=False, callbacks=[fail])
