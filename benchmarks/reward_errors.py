@@ -60,14 +60,16 @@ def pair_kind(valid_chosen: bool, valid_rejected: bool, invalid_text: str, allow
 
 def error_table(run: Path) -> list[dict]:
     """One row per kind of the run's held-out pairs (see the module docstring)."""
-    config = yaml.safe_load((run / "configs" / "reward.yaml").read_text())
-    records = datamodule_records(run / "configs" / "reward.yaml")[1]
+    config_path = run / "configs" / "reward.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    records = datamodule_records(config_path)[1]
     judge = import_object(config["model"]["init_args"]["judge"])
     prompts = [r["prompt"] for r in records]
     chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
     gold_chosen, gold_rejected = judge(prompts, chosen), judge(prompts, rejected)
     valid_chosen, valid_rejected = judge_validity(judge, prompts, chosen), judge_validity(judge, prompts, rejected)
-    scores = reward_pair_scores(str(run / "reward" / "model"), records, config["data"]["init_args"].get("max_length", 256))
+    max_length = config["data"]["init_args"].get("max_length", 256)
+    scores = reward_pair_scores(str(run / "reward" / "model"), records, max_length)
     accuracy = pair_accuracy(scores[:, 0], scores[:, 1]).tolist()
     if valid_chosen is None or valid_rejected is None:
         kinds = [ALL_PAIRS] * len(records)

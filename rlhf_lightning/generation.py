@@ -124,10 +124,11 @@ class InverseCDFSampler(LogitsProcessor):
     The draw inverts the cumulative distribution (summed in float64, so that even a token of
     probability 1e-12 at the end of a large vocabulary keeps its share): the first token whose
     cumulative probability exceeds ``u * total``, ``u ~ U[0, 1)`` from torch's global generator.
-    It is the distribution ``torch.multinomial`` samples, at a fraction of its cost on CPU, where ``torch.multinomial`` draws an exponential
-    variate for every vocabulary entry (33-34 ms against 2-5 ms for 32 rows of a 50257-token
-    vocabulary on 2 cores, ``benchmarks/sampler.py``). Tokens of probability 0 (masked by top-k
-    or top-p) are never drawn.
+    It is the distribution ``torch.multinomial`` samples, at a fraction of its cost on CPU,
+    where ``torch.multinomial`` draws an exponential variate for every vocabulary entry
+    (33-34 ms against 2-5 ms for 32 rows of a 50257-token vocabulary on 2 cores,
+    ``benchmarks/sampler.py``). Tokens of probability 0 (masked by top-k or top-p) are never
+    drawn.
 
     A row without a distribution (its softmax is NaN: every score ``-inf``, or a ``+inf`` that
     temperature made of the largest float ``remove_invalid_values`` left) takes its largest
