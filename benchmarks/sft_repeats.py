@@ -2,13 +2,14 @@
 
 For each suite run folder given (``benchmarks/suite.py`` writes them: ``configs/sft.yaml`` and
 ``sft/model``), it samples ``--n`` responses to each of the first ``--prompts`` validation
-prompts of the SFT data from the SFT policy and prints:
+prompts of the SFT data from the SFT policy (with the run's PPO generation settings, as the
+suite's best-of-16 samples) and prints:
 
 - ``repeats``: the share of the policy's samples that say a word twice that no validation
   demonstration says twice (words of three letters or more, as ``reward_errors.py`` counts
   them: on the built-in tasks lists' items, describe's nouns, sentiment's adjectives);
-- ``valid``: the share of samples the judge of ``configs/reward.yaml`` calls valid, when the
-  judge has a validity check.
+- ``valid``: the share of samples the pipeline's judge (``configs/pipeline.yaml``) calls
+  valid, when the judge has a validity check.
 
 A model that has learned the demonstrations' rule repeats (almost) never; one that has not
 repeats about as often as drawing each word independently would.
@@ -26,9 +27,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_errors import repeated_words  # noqa: E402
+from suite import generation_of  # noqa: E402
 from rlhf_lightning.best_of_n import completions_of, sample_candidates  # noqa: E402
-from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
-from rlhf_lightning.tasks import import_object  # noqa: E402
+from rlhf_lightning.pipeline import datamodule_records, load_judge  # noqa: E402
 from rlhf_lightning.tasks.base import judge_validity  # noqa: E402
 
 
@@ -36,10 +37,10 @@ def repeat_row(run: Path, num_prompts: int, n: int, seed: int) -> dict:
     demos = datamodule_records(run / "configs" / "sft.yaml")[1]
     allowed = {w for d in demos for w in repeated_words(d["completion"])}  # words some demonstration says twice
     prompts = list(dict.fromkeys(d["prompt"] for d in demos))[:num_prompts]
-    samples = [c for group in completions_of(sample_candidates(str(run / "sft" / "model"), prompts, n, seed=seed), n)
-               for c in group]
+    candidates = sample_candidates(str(run / "sft" / "model"), prompts, n, generation_of(run / "configs" / "ppo.yaml"), seed)
+    samples = [c for group in completions_of(candidates, n) for c in group]
     sample_prompts = [p for p in prompts for _ in range(n)]
-    judge = import_object(yaml.safe_load((run / "configs" / "reward.yaml").read_text())["model"]["init_args"]["judge"])
+    judge = load_judge(yaml.safe_load((run / "configs" / "pipeline.yaml").read_text())["judge"])
     valid = judge_validity(judge, sample_prompts, samples)
     return {
         "run": str(run),

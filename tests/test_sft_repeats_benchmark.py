@@ -21,8 +21,8 @@ def test_repeats_and_validity_of_the_sft_samples(monkeypatch, tmp_path: Path):
                [" lemon, lemon, kiwi.", " kiwi, mango"]]      # allowed repeat (invalid); no period (invalid)
     seen = {}
 
-    def fake_sample(policy_dir, prompts, n, seed):
-        seen.update(policy_dir=policy_dir, prompts=prompts, n=n)
+    def fake_sample(policy_dir, prompts, n, generation, seed):
+        seen.update(policy_dir=policy_dir, prompts=prompts, n=n, max_new_tokens=generation.max_new_tokens)
         return "candidates"
 
     monkeypatch.setattr(script, "datamodule_records", lambda config: ([], demos))
@@ -30,8 +30,10 @@ def test_repeats_and_validity_of_the_sft_samples(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(script, "completions_of", lambda candidates, n: samples)
     run = tmp_path / "lists" / "seed0"
     (run / "configs").mkdir(parents=True)
-    (run / "configs" / "reward.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"judge": "rlhf_lightning.tasks.lists.judge"}}}))
+    (run / "configs" / "pipeline.yaml").write_text(yaml.safe_dump({"judge": "rlhf_lightning.tasks.lists.judge"}))
+    (run / "configs" / "ppo.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"generation": {"max_new_tokens": 12}}}}))
     row = script.repeat_row(run, num_prompts=5, n=2, seed=0)
-    assert seen == {"policy_dir": str(run / "sft" / "model"), "prompts": ["List two fruits:", "List three fruits:"], "n": 2}
+    assert seen == {"policy_dir": str(run / "sft" / "model"), "prompts": ["List two fruits:", "List three fruits:"], "n": 2,
+                    "max_new_tokens": 12}  # the run's PPO generation settings
     assert row["repeats"] == 0.25  # only " apple, apple.": "lemon" is said twice by a demonstration
     assert row["valid"] == 0.25    # only " apple, banana."
