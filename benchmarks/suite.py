@@ -170,8 +170,7 @@ def run_one(args: argparse.Namespace, task: str, seed: int, files: dict[str, Pat
     if row["rm_acc"] is not None and row["ceiling"] is not None:
         row["gap"] = 100 * (row["ceiling"] - row["rm_acc"])
     if best_of_n and args.best_of_n_prompts:
-        written = yaml.safe_load((run / "configs" / "ppo.yaml").read_text())
-        generation = GenerationSettings(**(written["model"]["init_args"].get("generation") or {}))
+        generation = generation_of(run / "configs" / "ppo.yaml")
         prompts = [r["prompt"] for r in get_task(task).prompt_records(args.best_of_n_prompts, "val")]
         row.update(best_of_n_reference(run, task, prompts, generation, seed, args.reward != "oracle"))
     (run / "suite_row.json").write_text(json.dumps(row, indent=2) + "\n")
