@@ -196,9 +196,10 @@ def generate_responses(
     """
     config, sampler = drawn_by_inverse_cdf(config)
     generate_kwargs["logits_processor"] = LogitsProcessorList([*generate_kwargs.get("logits_processor", []), *sampler])
-    if sampler:
+    if sampler and getattr(model.generation_config, "do_sample", False):
         # transformers 4.x fills a config's default-valued fields (do_sample=False) from the
-        # model's generation config; a keyword argument is applied after that
+        # model's generation config (a chat model's often samples); a keyword argument is applied
+        # after that. Only then: transformers 5 keeps the config's own value and warns about it.
         generate_kwargs["do_sample"] = False
     # transformers drops an all-ones mask (prompts of one length) before decoding, then advises
     # passing one when a finished row feeds back the pad token: dropped, the mask was passed.

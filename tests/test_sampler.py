@@ -107,3 +107,25 @@ def test_generate_draws_from_the_top_k_tokens_at_the_sampling_temperature():
     assert abs(share - expected[0]) < tolerance
     at_temperature_1 = torch.softmax(logits[top.indices], -1).double()[0]
     assert abs(at_temperature_1 - expected[0]) > 4 * tolerance  # the check above would see temperature 1
+
+
+def test_a_model_whose_generation_config_samples_draws_the_same_tokens():
+    """A chat model's ``generation_config.json`` often says ``do_sample: true``; transformers fills
+    the greedy config's default ``do_sample`` from it and would then draw again after the sampler
+    (other random numbers, so other tokens from the second step on)."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    ids = torch.full((64, 3), 70)
+    config = sampling_config(tokenizer, 12, temperature=1.0, top_k=0)
+
+    def draw() -> torch.Tensor:
+        torch.manual_seed(1)
+        return generate_responses(model, ids, torch.ones_like(ids), config)
+
+    plain = draw()
+    model.generation_config.do_sample = True
+    assert torch.equal(draw(), plain)
+    model.generation_config.do_sample = False
+    assert len(set(map(tuple, plain.tolist()))) > 1  # the rows were sampled, not one greedy answer
