@@ -28,13 +28,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
+from rlhf_lightning.models import is_complete_hf_folder  # noqa: E402
 from rlhf_lightning.report import read_scalars  # noqa: E402
 
 
 def ppo_with_stop(run: Path, out: Path, ratio: float | None, patience: int) -> Path:
     """The run's PPO config, with the stop (none when ``ratio`` is None), logging and exporting under ``out``."""
     export = out / "ppo" / "policy"
-    if (export / "config.json").is_file():
+    if is_complete_hf_folder(export):
         return export
     for stale in (out / "ppo").glob("events.out.tfevents*"):
         stale.unlink()  # an interrupted fit's log: the iterations counted are this fit's
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             if row_path.is_file():
                 rows.append(json.loads(row_path.read_text()))
                 continue
-            fitted = not (out / "ppo" / "policy" / "config.json").is_file()
+            fitted = not is_complete_hf_folder(out / "ppo" / "policy")
             started = time.perf_counter()
             policy = ppo_with_stop(run, out, ratio, args.patience)
             seconds = time.perf_counter() - started if fitted else None  # (an earlier run's export: not timed)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
 from rlhf_lightning.evaluation import reward_pair_scores  # noqa: E402
+from rlhf_lightning.models import is_complete_hf_folder  # noqa: E402
 from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
 from rlhf_lightning.rlhf_math import pair_accuracy  # noqa: E402
 from rlhf_lightning.tasks import import_object, label_agreement  # noqa: E402
@@ -40,7 +41,7 @@ MEMBER_SEED_OFFSET = 1000
 def train_member(run: Path, out: Path, seed: int, normalize_file: Path) -> Path:
     """The run's reward config with another seed, logging and exporting under ``out/reward2``."""
     export = out / "reward2" / "model"
-    if (export / "config.json").is_file():
+    if is_complete_hf_folder(export):
         return export
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "reward.yaml").read_text()),
                                    str(run / "reward"), str(out / "reward2"))
@@ -52,7 +53,7 @@ def train_member(run: Path, out: Path, seed: int, normalize_file: Path) -> Path:
 
 def run_ppo(run: Path, out: Path, members: list[Path], penalty: float) -> Path:
     export = out / "ppo" / "policy"
-    if (export / "config.json").is_file():
+    if is_complete_hf_folder(export):
         return export
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))
     init = config["model"]["init_args"]

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
 from rlhf_lightning.best_of_n import best_of_n, best_of_n_kl, load_scorer, sample_candidates  # noqa: E402
+from rlhf_lightning.models import is_complete_hf_folder  # noqa: E402
 from rlhf_lightning.pipeline import datamodule_records  # noqa: E402
 from rlhf_lightning.records import write_jsonl  # noqa: E402
 
@@ -54,7 +55,7 @@ def kept_samples(run: Path, out: Path, args: argparse.Namespace, task: str, seed
 def fine_tune(run: Path, out: Path, kept: Path, args: argparse.Namespace) -> Path:
     """The run's SFT config, from the SFT export, on the kept samples."""
     export = out / "rsft" / "model"
-    if (export / "config.json").is_file():
+    if is_complete_hf_folder(export):
         return export
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "sft.yaml").read_text()), str(run / "sft"), str(out / "rsft"))
     config["trainer"].update(max_steps=args.steps, val_check_interval=args.steps)
@@ -69,7 +70,7 @@ def fine_tune(run: Path, out: Path, kept: Path, args: argparse.Namespace) -> Pat
 
 def ppo_from(run: Path, out: Path, policy: Path, task: str, oracle: bool) -> Path:
     export = out / "ppo" / "policy"
-    if (export / "config.json").is_file():
+    if is_complete_hf_folder(export):
         return export
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))
     init = config["model"]["init_args"]
