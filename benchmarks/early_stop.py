@@ -32,11 +32,13 @@ from rlhf_lightning.models import is_complete_hf_folder  # noqa: E402
 from rlhf_lightning.report import read_scalars  # noqa: E402
 
 
-def ppo_with_stop(run: Path, out: Path, ratio: float | None, patience: int) -> Path:
-    """The run's PPO config, with the stop (none when ``ratio`` is None), logging and exporting under ``out``."""
+def ppo_with_stop(run: Path, out: Path, ratio: float | None, patience: int) -> tuple[Path, float | None]:
+    """The run's PPO config, with the stop (none when ``ratio`` is None), logging and exporting under ``out``:
+    the export, and the fit's seconds (None: an earlier run's export, not timed)."""
     export = out / "ppo" / "policy"
     if is_complete_hf_folder(export):
-        return export
+        return export, None
+    started = time.perf_counter()
     for stale in (out / "ppo").glob("events.out.tfevents*"):
         stale.unlink()  # an interrupted fit's log: the iterations counted are this fit's
     config = suite.replace_strings(yaml.safe_load((run / "configs" / "ppo.yaml").read_text()), str(run), str(out))
@@ -45,7 +47,7 @@ def ppo_with_stop(run: Path, out: Path, ratio: float | None, patience: int) -> P
         config["trainer"]["callbacks"].append({"class_path": "rlhf_lightning.guards.JudgeAgreementStop",
                                                "init_args": {"ratio": ratio, "patience": patience}})
     suite.fit(config, out / "configs" / "ppo.yaml")
-    return export
+    return export, time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if row_path.is_file():
                 rows.append(json.loads(row_path.read_text()))
                 continue
-            fitted = not is_complete_hf_folder(out / "ppo" / "policy")
-            started = time.perf_counter()
-            policy = ppo_with_stop(run, out, ratio, args.patience)
-            seconds = time.perf_counter() - started if fitted else None  # (an earlier run's export: not timed)
+            policy, seconds = ppo_with_stop(run, out, ratio, args.patience)
             iterations = len(read_scalars(out)["ppo"]["objective/kl"])
             row = {"task": task, "seed": seed, "ratio": ratio, "iterations": iterations,
                    **suite.compare_with_sft(run, policy, task, seed, seconds)}

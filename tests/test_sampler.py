@@ -84,12 +84,17 @@ def test_sampling_configs_become_greedy_with_the_warpers_in_transformers_order()
     assert drawn_by_inverse_cdf(greedy) == (greedy, [])
 
 
+def one_layer_gpt2(tokenizer) -> GPT2LMHeadModel:
+    """A one-layer GPT-2 (seed 0) over ``tokenizer``'s vocabulary, in eval mode."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+
+
 def test_generate_draws_from_the_top_k_tokens_at_the_sampling_temperature():
     """Through model.generate: one step, many rows, against the model's own top-2 distribution."""
     tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    model = one_layer_gpt2(tokenizer)
     with torch.no_grad():
         model.transformer.wte.weight.mul_(40)  # (tied to the head) a top-2 gap a missing temperature would show
     rows = 4000
@@ -110,13 +115,11 @@ def test_generate_draws_from_the_top_k_tokens_at_the_sampling_temperature():
 
 
 def test_a_model_whose_generation_config_samples_draws_the_same_tokens():
-    """A chat model's ``generation_config.json`` often says ``do_sample: true``; transformers fills
-    the greedy config's default ``do_sample`` from it and would then draw again after the sampler
-    (other random numbers, so other tokens from the second step on)."""
+    """A chat model's ``generation_config.json`` often says ``do_sample: true``; transformers 4.x
+    fills the greedy config's default ``do_sample`` from it and would then draw again after the
+    sampler (other random numbers, so other tokens from the second step on)."""
     tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    model = one_layer_gpt2(tokenizer)
     ids = torch.full((64, 3), 70)
     config = sampling_config(tokenizer, 12, temperature=1.0, top_k=0)
 
