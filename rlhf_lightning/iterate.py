@@ -62,11 +62,14 @@ from .pipeline import (
 )
 from .report import plot
 from .generation import GenerationSettings
+from .models import is_complete_hf_folder
 from .tokenizer_training import DEFAULT_VOCAB_SIZE
 
 BROWSER = "browser"
 REFRESH = ("continue", "retrain")
 REFERENCE = ("sft", "last")
+CRITIC = ("reward", "last")
+LR_SCHEDULE = ("round", "loop")
 #: The export folders of each stage inside a round's folder.
 EXPORTS = {"sft": {"export_dir": "sft/model"}, "reward": {"export_dir": "reward/model"},
            "ppo": {"policy_export_dir": "ppo/policy", "critic_export_dir": "ppo/critic"}}
@@ -99,6 +102,14 @@ class IterateConfig:
         ppo_iterations: PPO iterations of every round, round 0 included (null: the PPO
             config's ``max_iterations``).
         reference: the KL reference of later rounds: ``sft`` or ``last`` (the previous policy).
+        critic: the critic each later round's PPO starts from: ``reward`` (the round's refreshed
+            reward model, PPO's default) or ``last`` (the previous round's trained critic; needs
+            ``ppo.advantage_estimator: gae``).
+        lr_schedule: ``round`` (each round's PPO runs the PPO config's schedule over its own
+            iterations) or ``loop`` (one linear decay over the whole loop's PPO iterations, held
+            constant within a round: round ``r`` of ``R`` later rounds runs at the config's
+            learning rates times ``1 - (r + 1/2) / (R + 1)``, the linear schedule's mean over
+            its share).
         eval_prompts, seed, tokenizer_vocab_size: as for the pipeline.
         label_host, label_port, label_token, label_guidelines: the labelling page of ``rater:
             browser`` (as ``rlhf-lightning label``'s ``--host``, ``--port``, ``--token``,
@@ -123,6 +134,8 @@ class IterateConfig:
     refresh_steps: int | None = None
     ppo_iterations: int | None = None
     reference: str = "sft"
+    critic: str = "reward"
+    lr_schedule: str = "round"
     eval_prompts: str | None = None
     seed: int = 0
     tokenizer_vocab_size: int = DEFAULT_VOCAB_SIZE
@@ -144,6 +157,8 @@ class IterateConfig:
             (self.ppo_iterations is None or self.ppo_iterations >= 1, "ppo_iterations", "must be >= 1 or null"),
             (self.reward_refresh in REFRESH, "reward_refresh", f"must be one of {REFRESH}"),
             (self.reference in REFERENCE, "reference", f"must be one of {REFERENCE}"),
+            (self.critic in CRITIC, "critic", f"must be one of {CRITIC}"),
+            (self.lr_schedule in LR_SCHEDULE, "lr_schedule", f"must be one of {LR_SCHEDULE}"),
         ]
         for ok, key, rule in checks:
             if not ok:
@@ -215,8 +230,27 @@ def pipeline_config(config: IterateConfig, number: int, sft: str, reward: str, p
                           tokenizer_vocab_size=config.tokenizer_vocab_size)
 
 
-def ppo_iterations(config: IterateConfig) -> dict[str, Any]:
-    return {} if config.ppo_iterations is None else {"max_iterations": config.ppo_iterations}
+def module_default(key: str) -> Any:
+    """``PPOModule``'s default for an ``init_args`` key."""
+    import inspect
+
+    from .modules import PPOModule
+
+    return inspect.signature(PPOModule.__init__).parameters[key].default
+
+
+def ppo_settings(config: IterateConfig, number: int) -> dict[str, Any]:
+    """The PPO ``init_args`` the loop sets in round ``number``: its iterations and, with
+    ``lr_schedule: loop``, its share of one linear decay (constant within the round)."""
+    settings: dict[str, Any] = {} if config.ppo_iterations is None else {"max_iterations": config.ppo_iterations}
+    if config.lr_schedule == "loop":
+        source = stage_init_args(config.ppo)
+        factor = 1.0 - (number + 0.5) / (config.rounds + 1)
+        policy_lr = float(source.get("learning_rate", module_default("learning_rate")))
+        critic_lr = source.get("critic_learning_rate")
+        settings.update(lr_scheduler="constant", learning_rate=policy_lr * factor,
+                        critic_learning_rate=None if critic_lr is None else float(critic_lr) * factor)
+    return settings
 
 
 def with_judge(config: IterateConfig, source: str) -> dict[str, Any]:
@@ -244,10 +278,19 @@ def run_round_zero(config: IterateConfig) -> dict[str, Any]:
         sft=round_stage_config(config.sft, "sft", folder),
         reward=round_stage_config(config.reward, "reward", folder, reward_model,
                                   data={"train_file": str(offline), "val_file": str(held_out)}),
-        ppo=round_stage_config(config.ppo, "ppo", folder, ppo_iterations(config)),
+        ppo=round_stage_config(config.ppo, "ppo", folder, ppo_settings(config, 0)),
     )
     return run_pipeline(pipeline, extra={"round": 0, "labels": budget, "labels_total": budget, "fresh_accuracy": None,
                                          "fresh_ceiling": None, "prepare_seconds": 0.0})
+
+
+def last_critic(config: IterateConfig, number: int) -> str:
+    """The critic round ``number - 1`` exported (``critic: last``)."""
+    critic = config.round_dir(number - 1) / EXPORTS["ppo"]["critic_export_dir"]
+    if not is_complete_hf_folder(critic):
+        raise UserInputError(f"iterate: critic last: round {number - 1} exported no critic ({critic}); only "
+                             "ppo.advantage_estimator gae has one")
+    return str(critic)
 
 
 # --- a later round --------------------------------------------------------------------------
@@ -383,7 +426,9 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
                                 data={"train_file": str(reward_train), "val_file": str(first / "prefs_val.jsonl")})
     ppo_model = {"policy": last_policy, "reference": sft if config.reference == "sft" else last_policy,
                  "reward_model": str(folder / "reward" / "model"), **with_judge(config, config.ppo)}
-    ppo = round_stage_config(config.ppo, "ppo", folder, {**ppo_model, **ppo_iterations(config)})
+    if config.critic == "last":
+        ppo_model["critic"] = last_critic(config, number)
+    ppo = round_stage_config(config.ppo, "ppo", folder, {**ppo_model, **ppo_settings(config, number)})
     pipeline = pipeline_config(config, number, sft=str(first / "configs" / "sft.yaml"), reward=reward, ppo=ppo)
     outputs = {"reward": str(folder / "reward" / "model"), "ppo": str(folder / "ppo" / "policy")}
     timings = run_stages(pipeline, outputs, {stage: ["fit", "--config", path, OVERWRITE] for stage, path in

@@ -16,7 +16,7 @@ import yaml
 
 from rlhf_lightning.cli import main
 from rlhf_lightning.errors import UserInputError
-from rlhf_lightning.iterate import IterateConfig, label_with_rater, labels_in, round_stage_config
+from rlhf_lightning.iterate import IterateConfig, label_with_rater, labels_in, last_critic, ppo_settings, round_stage_config
 from rlhf_lightning.pipeline import datamodule_records
 from rlhf_lightning.labelling.candidates import Item, content_id
 from rlhf_lightning.labelling.storage import AnnotationLog, judgements, make_judgement, read_log
@@ -125,8 +125,45 @@ def test_round_configs_move_every_output_into_the_round(tmp_path: Path):
     assert config["trainer"]["callbacks"][0]["init_args"]["every_n_iterations"] == 10  # the rest is kept
 
 
+def ppo_config(tmp_path: Path, **init_args) -> str:
+    config = yaml.safe_load((ROOT / "configs/demo/ppo.yaml").read_text())
+    for key, value in init_args.items():
+        if value is None:
+            config["model"]["init_args"].pop(key, None)
+        else:
+            config["model"]["init_args"][key] = value
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_loop_lr_schedule_is_one_linear_decay_held_constant_within_each_round(tmp_path: Path):
+    ppo = ppo_config(tmp_path, learning_rate=8e-5, critic_learning_rate=2e-4)
+    loop = IterateConfig(ppo=ppo, rounds=3, ppo_iterations=22, lr_schedule="loop")
+    settings = [ppo_settings(loop, number) for number in range(4)]
+    # linear from 1 to 0 over 4 rounds: the mean over each quarter is 7/8, 5/8, 3/8, 1/8
+    assert [s["learning_rate"] for s in settings] == pytest.approx([7e-5, 5e-5, 3e-5, 1e-5])
+    assert [s["critic_learning_rate"] for s in settings] == pytest.approx([1.75e-4, 1.25e-4, 0.75e-4, 0.25e-4])
+    assert all(s["lr_scheduler"] == "constant" and s["max_iterations"] == 22 for s in settings)
+    # the PPO config's own schedule otherwise; an unset rate is PPOModule's default (1e-5), and an
+    # unset critic rate stays unset (the critic then follows the policy's, already scaled)
+    assert ppo_settings(IterateConfig(ppo=ppo, ppo_iterations=22), 2) == {"max_iterations": 22}
+    bare = IterateConfig(ppo=ppo_config(tmp_path, learning_rate=None, critic_learning_rate=None), rounds=1,
+                         lr_schedule="loop")
+    assert ppo_settings(bare, 0) == {"lr_scheduler": "constant", "learning_rate": pytest.approx(0.75e-5),
+                                     "critic_learning_rate": None}
+
+
+def test_critic_last_without_a_critic_export_is_a_one_line_error(tmp_path: Path):
+    config = IterateConfig(run_dir=str(tmp_path), critic="last")
+    (tmp_path / "round_0/ppo/policy").mkdir(parents=True)  # a critic-free estimator exports only the policy
+    with pytest.raises(UserInputError, match=r"critic last: round 0 exported no critic .*advantage_estimator gae"):
+        last_critic(config, 1)
+
+
 @pytest.mark.parametrize("key, value, rule", [("k", 1, "must be >= 2"), ("reward_refresh", "restart", "must be one of"),
-                                              ("labels_per_round", 0, "must be >= 1"), ("reference", "base", "must be one of")])
+                                              ("labels_per_round", 0, "must be >= 1"), ("reference", "base", "must be one of"),
+                                              ("critic", "policy", "must be one of"), ("lr_schedule", "cosine", "must be one of")])
 def test_bad_settings_are_one_line_errors_naming_the_key(key, value, rule, capsys):
     assert main(["iterate", "--config", str(ROOT / "configs/demo/iterate.yaml"), f"--{key}={value}"]) == 2
     assert f"iterate: {key} {rule}" in capsys.readouterr().err
@@ -221,6 +258,19 @@ def test_two_rounds_with_the_builtin_rater_then_a_rerun_skips_them(round_zero: P
     capsys.readouterr()
     assert main(["iterate", "--config", str(config)]) == 0
     assert capsys.readouterr().out.count("finished earlier") == 3
+
+
+@pytest.mark.slow
+def test_a_round_continues_the_last_critic_on_the_loop_schedule(round_zero: Path, tmp_path: Path):
+    run = tmp_path / "loop"
+    config = start_from(round_zero, run, rounds=1, rater=SENTIMENT_RATER, critic="last", lr_schedule="loop")
+    assert main(["iterate", "--config", str(config)]) == 0
+    ppo = yaml.safe_load((run / "round_1/configs/ppo.yaml").read_text())["model"]["init_args"]
+    assert ppo["critic"] == str(run / "round_0/ppo/critic")  # not the refreshed reward model
+    source = yaml.safe_load((round_zero.parents[1] / "ppo.yaml").read_text())["model"]["init_args"]
+    assert ppo["lr_scheduler"] == "constant"
+    assert ppo["learning_rate"] == pytest.approx(source["learning_rate"] * 0.25)  # round 1 of 2: 1 - 1.5 / 2
+    assert (run / "round_1/summary.json").exists() and (run / "round_1/ppo/critic/config.json").exists()
 
 
 def dying_rater(prompts, firsts, seconds):
