@@ -32,7 +32,7 @@ from rlhf_lightning.cli import main as cli_main  # noqa: E402
 from rlhf_lightning.tasks import get_task  # noqa: E402
 
 SETTINGS = ("rounds", "offline_pairs", "labels_per_round", "refresh_steps", "ppo_iterations", "reward_refresh", "k",
-            "reference", "critic", "lr_schedule")
+            "reference", "critic", "lr_schedule", "on_policy_weight")
 COLUMNS = ("labels_total", "fresh_accuracy", "fresh_ceiling", "rm_val_accuracy", "rho_policy", "gold", "gold_sft", "win", "validity",
            "kl", "seconds")
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppo_iterations", type=int, default=22)
     parser.add_argument("--reward_refresh", choices=("continue", "retrain"), default="continue")
     parser.add_argument("--reference", choices=("sft", "last"), default="sft")
+    parser.add_argument("--on_policy_weight", type=int, default=1)
     parser.add_argument("--critic", choices=("reward", "last"), default="reward")
     parser.add_argument("--lr_schedule", choices=("round", "loop"), default="round")
     parser.add_argument("--k", type=int, default=2)

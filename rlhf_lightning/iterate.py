@@ -99,6 +99,9 @@ class IterateConfig:
             or ``retrain`` (from the SFT model, the reward config's own steps), each on every
             label so far.
         refresh_steps: optimiser steps of a ``continue`` refresh (null: the reward config's).
+        on_policy_weight: how many times each on-policy pair (labelled in a later round) appears
+            in a refresh's training data, beside the offline pairs once (oversampling: the
+            refresh sees the policy's own text that much more often). Labels are counted once.
         ppo_iterations: PPO iterations of every round, round 0 included (null: the PPO
             config's ``max_iterations``).
         reference: the KL reference of later rounds: ``sft`` or ``last`` (the previous policy).
@@ -132,6 +135,7 @@ class IterateConfig:
     prompts: str | None = None
     reward_refresh: str = "continue"
     refresh_steps: int | None = None
+    on_policy_weight: int = 1
     ppo_iterations: int | None = None
     reference: str = "sft"
     critic: str = "reward"
@@ -154,6 +158,7 @@ class IterateConfig:
             (self.k >= 2, "k", "must be >= 2 (responses to compare per prompt)"),
             (self.offline_pairs is None or self.offline_pairs >= 1, "offline_pairs", "must be >= 1 or null"),
             (self.refresh_steps is None or self.refresh_steps >= 1, "refresh_steps", "must be >= 1 or null"),
+            (self.on_policy_weight >= 1, "on_policy_weight", "must be >= 1"),
             (self.ppo_iterations is None or self.ppo_iterations >= 1, "ppo_iterations", "must be >= 1 or null"),
             (self.reward_refresh in REFRESH, "reward_refresh", f"must be one of {REFRESH}"),
             (self.reference in REFERENCE, "reference", f"must be one of {REFERENCE}"),
@@ -406,8 +411,8 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
     judge = load_judge(config.judge)
     fresh_ceiling = label_agreement(fresh, judge) if judge is not None else None
     prepared = round(time.perf_counter() - started, 1)  # sampling, labelling and that measurement
-    labelled = [*read_preferences(first / "prefs_train.jsonl"),
-                *(r for n in range(1, number + 1) for r in read_preferences(config.round_dir(n) / "prefs.jsonl"))]
+    on_policy = [r for n in range(1, number + 1) for r in read_preferences(config.round_dir(n) / "prefs.jsonl")]
+    labelled = [*read_preferences(first / "prefs_train.jsonl"), *on_policy * config.on_policy_weight]
     reward_train = write_jsonl(folder / "reward_train.jsonl", labelled)
     round_zero_reward = load_yaml(first / "configs" / "reward.yaml")
     reward_model: dict[str, Any] = {

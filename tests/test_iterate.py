@@ -163,7 +163,8 @@ def test_critic_last_without_a_critic_export_is_a_one_line_error(tmp_path: Path)
 
 @pytest.mark.parametrize("key, value, rule", [("k", 1, "must be >= 2"), ("reward_refresh", "restart", "must be one of"),
                                               ("labels_per_round", 0, "must be >= 1"), ("reference", "base", "must be one of"),
-                                              ("critic", "policy", "must be one of"), ("lr_schedule", "cosine", "must be one of")])
+                                              ("critic", "policy", "must be one of"), ("lr_schedule", "cosine", "must be one of"),
+                                              ("on_policy_weight", 0, "must be >= 1")])
 def test_bad_settings_are_one_line_errors_naming_the_key(key, value, rule, capsys):
     assert main(["iterate", "--config", str(ROOT / "configs/demo/iterate.yaml"), f"--{key}={value}"]) == 2
     assert f"iterate: {key} {rule}" in capsys.readouterr().err
@@ -261,10 +262,17 @@ def test_two_rounds_with_the_builtin_rater_then_a_rerun_skips_them(round_zero: P
 
 
 @pytest.mark.slow
-def test_a_round_continues_the_last_critic_on_the_loop_schedule(round_zero: Path, tmp_path: Path):
+def test_a_round_with_weighted_on_policy_pairs_continues_the_last_critic_on_the_loop_schedule(round_zero: Path,
+                                                                                               tmp_path: Path):
     run = tmp_path / "loop"
-    config = start_from(round_zero, run, rounds=1, rater=SENTIMENT_RATER, critic="last", lr_schedule="loop")
+    config = start_from(round_zero, run, rounds=1, rater=SENTIMENT_RATER, critic="last", lr_schedule="loop",
+                        on_policy_weight=3)
     assert main(["iterate", "--config", str(config)]) == 0
+    trained = read_log(run / "round_1/reward_train.jsonl")
+    fresh = read_log(run / "round_1/prefs.jsonl")
+    assert len(fresh) == 6 and len(trained) == 200 + 3 * 6  # each on-policy pair three times, offline once
+    assert all(trained[200:].count(pair) == 3 for pair in fresh)
+    assert json.loads((run / "rounds.json").read_text())[1]["labels"] == 6  # labels are counted once
     ppo = yaml.safe_load((run / "round_1/configs/ppo.yaml").read_text())["model"]["init_args"]
     assert ppo["critic"] == str(run / "round_0/ppo/critic")  # not the refreshed reward model
     source = yaml.safe_load((round_zero.parents[1] / "ppo.yaml").read_text())["model"]["init_args"]
