@@ -404,6 +404,7 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
     started = time.perf_counter()
     folder, first = config.round_dir(number), config.round_dir(0)
     sft, last_reward, last_policy = (previous["outputs"][stage] for stage in ("sft", "reward", "ppo"))
+    critic = {"critic": last_critic(config, number)} if config.critic == "last" else {}  # checked before sampling
     slice_ = prompts[(number - 1) * config.prompts_per_round : number * config.prompts_per_round]
     fresh = label_round(config, number, last_policy, slice_, rater)
     max_length = stage_init_args(config.reward, "data").get("max_length") or 256
@@ -431,9 +432,7 @@ def run_round(config: IterateConfig, number: int, previous: dict[str, Any], prom
                                 data={"train_file": str(reward_train), "val_file": str(first / "prefs_val.jsonl")})
     ppo_model = {"policy": last_policy, "reference": sft if config.reference == "sft" else last_policy,
                  "reward_model": str(folder / "reward" / "model"), **with_judge(config, config.ppo)}
-    if config.critic == "last":
-        ppo_model["critic"] = last_critic(config, number)
-    ppo = round_stage_config(config.ppo, "ppo", folder, {**ppo_model, **ppo_settings(config, number)})
+    ppo = round_stage_config(config.ppo, "ppo", folder, {**ppo_model, **critic, **ppo_settings(config, number)})
     pipeline = pipeline_config(config, number, sft=str(first / "configs" / "sft.yaml"), reward=reward, ppo=ppo)
     outputs = {"reward": str(folder / "reward" / "model"), "ppo": str(folder / "ppo" / "policy")}
     timings = run_stages(pipeline, outputs, {stage: ["fit", "--config", path, OVERWRITE] for stage, path in
