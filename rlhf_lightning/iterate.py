@@ -110,7 +110,7 @@ class IterateConfig:
             ``ppo.advantage_estimator: gae``).
         lr_schedule: ``round`` (each round's PPO runs the PPO config's schedule over its own
             iterations) or ``loop`` (one linear decay over the whole loop's PPO iterations, held
-            constant within a round: round ``r`` of ``R`` later rounds runs at the config's
+            constant within a round: round ``r`` (0 to ``R`` = ``rounds``) runs at the config's
             learning rates times ``1 - (r + 1/2) / (R + 1)``, the linear schedule's mean over
             its share).
         eval_prompts, seed, tokenizer_vocab_size: as for the pipeline.
