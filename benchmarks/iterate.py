@@ -29,6 +29,7 @@ import suite  # noqa: E402
 from methods import link_shared_stages  # noqa: E402
 
 from rlhf_lightning.cli import main as cli_main  # noqa: E402
+from rlhf_lightning.iterate import CRITIC, LR_SCHEDULE, REFERENCE, REFRESH, IterateConfig  # noqa: E402
 from rlhf_lightning.tasks import get_task  # noqa: E402
 
 SETTINGS = ("rounds", "offline_pairs", "labels_per_round", "refresh_steps", "ppo_iterations", "reward_refresh", "k",
@@ -85,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels_per_round", type=int, default=500)
     parser.add_argument("--refresh_steps", type=int, default=300)
     parser.add_argument("--ppo_iterations", type=int, default=22)
-    parser.add_argument("--reward_refresh", choices=("continue", "retrain"), default="continue")
-    parser.add_argument("--reference", choices=("sft", "last"), default="sft")
-    parser.add_argument("--on_policy_weight", type=int, default=1)
-    parser.add_argument("--critic", choices=("reward", "last"), default="reward")
-    parser.add_argument("--lr_schedule", choices=("round", "loop"), default="round")
+    loop = IterateConfig()  # the loop's own defaults and choices
+    parser.add_argument("--reward_refresh", choices=REFRESH, default=loop.reward_refresh)
+    parser.add_argument("--reference", choices=REFERENCE, default=loop.reference)
+    parser.add_argument("--on_policy_weight", type=int, default=loop.on_policy_weight)
+    parser.add_argument("--critic", choices=CRITIC, default=loop.critic)
+    parser.add_argument("--lr_schedule", choices=LR_SCHEDULE, default=loop.lr_schedule)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--baseline", action="store_true", help="also run the one-pass pipeline on all 8000 pairs")
     args = parser.parse_args(argv)

@@ -235,8 +235,8 @@ def pipeline_config(config: IterateConfig, number: int, sft: str, reward: str, p
                           tokenizer_vocab_size=config.tokenizer_vocab_size)
 
 
-def module_default(key: str) -> Any:
-    """``PPOModule``'s default for an ``init_args`` key."""
+def ppo_default(key: str) -> Any:
+    """``PPOModule``'s default for an ``init_args`` key the PPO config leaves unset."""
     import inspect
 
     from .modules import PPOModule
@@ -251,7 +251,7 @@ def ppo_settings(config: IterateConfig, number: int) -> dict[str, Any]:
     if config.lr_schedule == "loop":
         source = stage_init_args(config.ppo)
         factor = 1.0 - (number + 0.5) / (config.rounds + 1)
-        policy_lr = float(source.get("learning_rate", module_default("learning_rate")))
+        policy_lr = float(source.get("learning_rate", ppo_default("learning_rate")))
         critic_lr = source.get("critic_learning_rate")
         settings.update(lr_scheduler="constant", learning_rate=policy_lr * factor,
                         critic_learning_rate=None if critic_lr is None else float(critic_lr) * factor)
