@@ -5,8 +5,8 @@ only data paths, output folders, seed and judge changed). ``rlhf-lightning itera
 on them: round 0 on the first ``--offline_pairs`` offline pairs, then ``--rounds`` rounds of
 ``--labels_per_round`` on-policy pairs labelled by the task's own noisy rater (the one that
 labelled the offline pairs), ``--ppo_iterations`` PPO iterations in every round. With the
-defaults that is 6500 + 3 x 500 = 8000 labels and 4 x 22 = 88 PPO iterations, the one-pass
-recipe's 8000 labels and 90 iterations. ``--baseline`` also runs the one-pass pipeline beside it
+defaults that is 6500 + 3 x 500 = 8000 labels, the one-pass recipe's, and 4 x 45 = 180 PPO
+iterations, twice its 90 (the demo loop's ``ppo_iterations``). ``--baseline`` also runs the one-pass pipeline beside it
 (sharing the tokenizer and SFT folders, which are the same). It prints one row per round of
 each run and the final rows, and writes ``<out>/iterate.json``.
 
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offline_pairs", type=int, default=6500)
     parser.add_argument("--labels_per_round", type=int, default=500)
     parser.add_argument("--refresh_steps", type=int, default=300)
-    parser.add_argument("--ppo_iterations", type=int, default=22)
+    demo = yaml.safe_load((suite.ROOT / "configs" / "demo" / "iterate.yaml").read_text())
+    parser.add_argument("--ppo_iterations", type=int, default=demo["ppo_iterations"], help="default: the demo loop's")
     loop = IterateConfig()  # the loop's own defaults and choices
     parser.add_argument("--reward_refresh", choices=REFRESH, default=loop.reward_refresh)
     parser.add_argument("--reference", choices=REFERENCE, default=loop.reference)
