@@ -29,7 +29,7 @@ import suite  # noqa: E402
 from methods import link_shared_stages  # noqa: E402
 
 from rlhf_lightning.cli import main as cli_main  # noqa: E402
-from rlhf_lightning.iterate import CRITIC, LR_SCHEDULE, REFERENCE, REFRESH, IterateConfig  # noqa: E402
+from rlhf_lightning.iterate import CRITIC, LR_SCHEDULE, REFERENCE, REFRESH  # noqa: E402
 from rlhf_lightning.tasks import get_task  # noqa: E402
 
 SETTINGS = ("rounds", "offline_pairs", "labels_per_round", "refresh_steps", "ppo_iterations", "reward_refresh", "k",
@@ -81,19 +81,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = suite.argument_parser(__doc__)
     parser.set_defaults(out="outputs/iterate-suite", best_of_n_prompts=0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--offline_pairs", type=int, default=6500)
-    parser.add_argument("--labels_per_round", type=int, default=500)
-    parser.add_argument("--refresh_steps", type=int, default=300)
-    demo = yaml.safe_load((suite.ROOT / "configs" / "demo" / "iterate.yaml").read_text())
-    parser.add_argument("--ppo_iterations", type=int, default=demo["ppo_iterations"], help="default: the demo loop's")
-    loop = IterateConfig()  # the loop's own defaults and choices
-    parser.add_argument("--reward_refresh", choices=REFRESH, default=loop.reward_refresh)
-    parser.add_argument("--reference", choices=REFERENCE, default=loop.reference)
-    parser.add_argument("--on_policy_weight", type=int, default=loop.on_policy_weight)
-    parser.add_argument("--critic", choices=CRITIC, default=loop.critic)
-    parser.add_argument("--lr_schedule", choices=LR_SCHEDULE, default=loop.lr_schedule)
-    parser.add_argument("--k", type=int, default=2)
+    demo = yaml.safe_load((suite.ROOT / "configs" / "demo" / "iterate.yaml").read_text())  # every default: the demo loop's
+    for key in ("rounds", "offline_pairs", "labels_per_round", "refresh_steps", "ppo_iterations", "on_policy_weight", "k"):
+        parser.add_argument(f"--{key}", type=int, default=demo[key])
+    for key, choices in (("reward_refresh", REFRESH), ("reference", REFERENCE), ("critic", CRITIC), ("lr_schedule", LR_SCHEDULE)):
+        parser.add_argument(f"--{key}", choices=choices, default=demo[key])
     parser.add_argument("--baseline", action="store_true", help="also run the one-pass pipeline on all 8000 pairs")
     args = parser.parse_args(argv)
     rows = []
