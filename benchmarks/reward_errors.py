@@ -21,6 +21,11 @@ response of the validation pairs ever repeats (so describe's shared adjectives a
 valid descriptions may use twice, do not count; its nouns do): the item, detail or adjective said
 twice that the built-in tasks' judges mark invalid.
 
+``--synthetic N`` adds a second table: the reward model's accuracy on the first ``N``
+synthetic pairs of its own training draw (``chosen`` over the corruption of ``chosen``,
+:mod:`rlhf_lightning.data.corruptions`; a run trained without them gets the pairs that
+``synthetic_pairs: 0.25`` would have added), which tells whether it fits the fault at all.
+
     python benchmarks/reward_errors.py --runs outputs/suite-demo --seeds 0 1
 """
 
@@ -96,23 +101,45 @@ def error_table(run: Path) -> list[dict]:
     ]
 
 
+def synthetic_fit(run: Path, n: int) -> tuple[float, int]:
+    """Accuracy of ``run``'s reward model on the first ``n`` synthetic pairs of its training
+    records (its data config; ``synthetic_pairs`` 0.25 where the config has none), and how many."""
+    config = yaml.safe_load((run / "configs" / "reward.yaml").read_text())
+    init_args = dict(config["data"].get("init_args") or {})
+    init_args["synthetic_pairs"] = init_args.get("synthetic_pairs") or 0.25
+    records = import_object(config["data"]["class_path"])(**init_args).load_records()[0]
+    pairs = [r for r in records if r.get("synthetic")][:n]
+    scores = reward_pair_scores(str(run / "reward" / "model"), pairs, init_args.get("max_length", 256))
+    return pair_accuracy(scores[:, 0], scores[:, 1]).mean().item(), len(pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="outputs/suite", help="a suite.py output folder")
     parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=list(BUILTIN_TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="also score the first N synthetic pairs of each run's training draw")
     args = parser.parse_args(argv)
-    print("| task | seed | kind | n | acc | ceiling | rm~judge | lost (points) |\n|---|---|---|---|---|---|---|---|")
+    runs = []
     for task in args.tasks:
         for seed in args.seeds:
             run = Path(args.runs) / task / f"seed{seed}"
-            if not (run / "reward" / "model").is_dir():
-                print(f"| {task} | {seed} | (no reward model in {run}) |", flush=True)
-                continue
-            for row in error_table(run):
-                agree = "-" if row["rm~judge"] is None else f"{row['rm~judge']:.3f}"
-                print(f"| {task} | {seed} | {row['kind']} | {row['n']} | {row['acc']:.3f} | {row['ceiling']:.3f} | "
-                      f"{agree} | {row['lost']:.1f} |", flush=True)
+            if (run / "reward" / "model").is_dir():
+                runs.append((task, seed, run))
+            else:
+                print(f"(no reward model in {run})", flush=True)
+    print("| task | seed | kind | n | acc | ceiling | rm~judge | lost (points) |\n|---|---|---|---|---|---|---|---|")
+    for task, seed, run in runs:
+        for row in error_table(run):
+            agree = "-" if row["rm~judge"] is None else f"{row['rm~judge']:.3f}"
+            print(f"| {task} | {seed} | {row['kind']} | {row['n']} | {row['acc']:.3f} | {row['ceiling']:.3f} | "
+                  f"{agree} | {row['lost']:.1f} |", flush=True)
+    if args.synthetic:
+        print("\n| task | seed | synthetic training pairs | accuracy |\n|---|---|---|---|")
+        for task, seed, run in runs:
+            accuracy, n = synthetic_fit(run, args.synthetic)
+            print(f"| {task} | {seed} | {n} | {accuracy:.3f} |", flush=True)
     return 0
 
 

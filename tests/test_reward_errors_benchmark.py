@@ -3,6 +3,7 @@ kinds' lost points add up to the gap to the noise ceiling."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,38 @@ def test_kinds_of_pairs_and_their_share_of_the_gap(monkeypatch, tmp_path: Path):
     # accuracy 2.5 / 5, ceiling 2.5 / 5: no gap, so the kinds' lost points cancel
     assert [round(row["lost"], 6) for row in rows.values()] == [10.0, -20.0, 20.0, -10.0]
     assert sum(row["lost"] for row in rows.values()) == pytest.approx(0.0)
+
+
+def test_synthetic_fit_scores_the_synthetic_pairs_of_the_training_draw(monkeypatch, tmp_path: Path, capsys):
+    script = load_errors_script()
+    fruits = ["apple", "banana", "cherry", "grape"]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(
+        json.dumps({"prompt": "List three fruits:", "chosen": f" {fruits[i]}, {fruits[(i + 1) % 4]}, {fruits[i - 1]}.",
+                    "rejected": " fruit."}) + "\n" for i in range(4)))
+    scored = []
+
+    def scores(folder, pairs, max_length):
+        scored.append(pairs)
+        return torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])[: len(pairs)]
+
+    monkeypatch.setattr(script, "reward_pair_scores", scores)
+    run = tmp_path / "lists" / "seed0"
+    (run / "configs").mkdir(parents=True)
+    (run / "reward" / "model").mkdir(parents=True)
+    (run / "configs" / "reward.yaml").write_text(yaml.safe_dump({
+        "model": {"init_args": {"judge": "rlhf_lightning.tasks.lists.judge"}},
+        "data": {"class_path": "rlhf_lightning.data.PreferenceDataModule",
+                 "init_args": {"train_file": str(train), "val_fraction": 0.0, "synthetic_pairs": 0.75}}}))
+    accuracy, n = script.synthetic_fit(run, 3)
+    # 0.75 of 4 records: 3 synthetic pairs, each chosen over chosen with a word said twice
+    assert n == 3 and [p["synthetic"] for p in scored[0]] == [True] * 3
+    assert all(script.repeated_words(p["rejected"]) and not script.repeated_words(p["chosen"]) for p in scored[0])
+    assert accuracy == pytest.approx((1 + 0 + 0.5) / 3)  # a tie counts one half
+    # a config without synthetic pairs gets those of synthetic_pairs 0.25: one of the 4 records
+    monkeypatch.setattr(script, "error_table", lambda run: [])
+    config = yaml.safe_load((run / "configs" / "reward.yaml").read_text())
+    del config["data"]["init_args"]["synthetic_pairs"]
+    (run / "configs" / "reward.yaml").write_text(yaml.safe_dump(config))
+    assert script.main(["--runs", str(tmp_path), "--tasks", "lists", "--seeds", "0", "--synthetic", "5"]) == 0
+    assert "| lists | 0 | 1 | 1.000 |" in capsys.readouterr().out

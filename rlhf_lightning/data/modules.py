@@ -31,7 +31,7 @@ from .encoding import (
     encode_sft,
 )
 from ..records import Record, read_preferences, read_prompts, read_sft
-from ..tasks import get_task, task_records
+from ..tasks import get_task, load_callable, task_records
 from .sampling import ResumableSampler, loader_generator
 
 BUILTIN = "the built-in task"
@@ -227,14 +227,51 @@ class PreferenceDataModule(_JSONLDataModule):
 
     record_kind = "prefs"
 
-    def __init__(self, *args: Any, padding_side: str = "right", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        padding_side: str = "right",
+        synthetic_pairs: float = 0.0,
+        corruption: str | Callable[[str, random.Random], str | None] = "rlhf_lightning.data.corruptions.repeat_word",
+        **kwargs: Any,
+    ) -> None:
+        """``synthetic_pairs``: for this fraction of the training records (drawn with ``seed``),
+        add the pair ``chosen`` over ``corruption(chosen)`` to the same prompt
+        (:mod:`rlhf_lightning.data.corruptions`); ``corruption`` is a callable
+        ``(text, rng) -> str | None`` or its import path. Validation records are kept as read."""
         super().__init__(*args, **kwargs)
         if padding_side not in ("left", "right"):
             raise UserInputError(f"data.init_args.padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not 0.0 <= synthetic_pairs <= 1.0:
+            raise UserInputError(f"data.init_args.synthetic_pairs must be in [0, 1], got {synthetic_pairs}")
         self.padding_side = padding_side
+        self.synthetic_pairs = synthetic_pairs
+        self.corruption = (
+            load_callable(corruption, "data.init_args.corruption", "(text, rng) -> text or None") if isinstance(corruption, str) else corruption
+        )
 
     def read(self, path: str) -> list[Record]:
         return read_preferences(path)
+
+    def load_records(self) -> tuple[list[Record], list[Record]]:
+        train, val = super().load_records()
+        return train + self.corrupted_pairs(train), val
+
+    def corrupted_pairs(self, records: list[Record]) -> list[Record]:
+        """The synthetic pairs for ``records``: ``chosen`` over ``corruption(chosen)``, marked
+        ``"synthetic": True``, for a seeded ``synthetic_pairs`` fraction of them (fewer where the
+        corruption returns ``None`` or the text unchanged)."""
+        if self.synthetic_pairs == 0.0 or not records:
+            return []
+        rng = random.Random(self.seed)
+        picked = rng.sample(range(len(records)), round(len(records) * self.synthetic_pairs))
+        pairs = []
+        for index in sorted(picked):
+            record = records[index]
+            worse = self.corruption(record["chosen"], rng)
+            if worse is not None and worse != record["chosen"]:
+                pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": worse, "synthetic": True})
+        return pairs
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
         return encode_preference(record, tokenizer, self.max_length)

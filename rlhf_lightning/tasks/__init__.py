@@ -44,9 +44,9 @@ def import_object(path: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def load_callable(path: str, key: str) -> Any:
+def load_callable(path: str, key: str, signature: str = "(prompts, completions) -> scores") -> Any:
     """The callable at import path ``path``, or a one-line :class:`UserInputError` naming the
-    config key or option ``key`` it came from."""
+    config key or option ``key`` it came from (and the ``signature`` it should have)."""
     from ..errors import UserInputError
 
     try:
@@ -54,7 +54,7 @@ def load_callable(path: str, key: str) -> Any:
     except (ImportError, AttributeError, ValueError) as err:
         raise UserInputError(f"{key}: cannot import {path!r} ({err})") from err
     if not callable(found):
-        raise UserInputError(f"{key}: {path!r} is not callable (prompts, completions) -> scores")
+        raise UserInputError(f"{key}: {path!r} is not callable {signature}")
     return found
 
 
