@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 
@@ -81,14 +82,17 @@ def test_synthetic_pair_options_are_checked(kwargs, message):
         PreferenceDataModule(train_file="unused.jsonl", **kwargs)
 
 
-def test_cli_takes_synthetic_pairs_and_names_a_bad_corruption(tmp_path, byte_gpt2_dir, capsys):
+def test_cli_takes_synthetic_pairs_and_names_a_bad_corruption(tmp_path, byte_gpt2_dir, capfd, caplog):
     from rlhf_lightning.cli import main
 
     from .test_reward import _demo_config, _pairs
 
     config = _demo_config(tmp_path, str(byte_gpt2_dir), write_lines(tmp_path / "train.jsonl", _pairs(8)))
     run = ["fit", "--config", str(config), "--trainer.max_steps=1", "--data.init_args.synthetic_pairs=0.5"]
-    assert main([*run, "--data.init_args.corruption=tests.test_corruptions.shout"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main([*run, "--data.init_args.corruption=tests.test_corruptions.shout"]) == 0
+    # half of the 6 training pairs (8 less the 0.25 held out) give a synthetic pair
+    assert "3 synthetic pairs added to 6 training pairs (data.init_args.synthetic_pairs=0.5)" in caplog.text
     assert main([*run, "--data.init_args.corruption=tests.test_corruptions.nothing"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert "data.init_args.corruption: cannot import 'tests.test_corruptions.nothing'" in err[-1]

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -246,16 +246,20 @@ class PreferenceDataModule(_JSONLDataModule):
             raise UserInputError(f"data.init_args.synthetic_pairs must be in [0, 1], got {synthetic_pairs}")
         self.padding_side = padding_side
         self.synthetic_pairs = synthetic_pairs
-        self.corruption = (
-            load_callable(corruption, "data.init_args.corruption", "(text, rng) -> text or None") if isinstance(corruption, str) else corruption
-        )
+        if isinstance(corruption, str):
+            corruption = load_callable(corruption, "data.init_args.corruption", "(text, rng) -> text or None")
+        self.corruption = corruption
 
     def read(self, path: str) -> list[Record]:
         return read_preferences(path)
 
     def load_records(self) -> tuple[list[Record], list[Record]]:
         train, val = super().load_records()
-        return train + self.corrupted_pairs(train), val
+        synthetic = self.corrupted_pairs(train)
+        if self.synthetic_pairs > 0.0:
+            rank_zero_info(f"{self.train_file or BUILTIN}: {len(synthetic)} synthetic pairs added to "
+                           f"{len(train)} training pairs (data.init_args.synthetic_pairs={self.synthetic_pairs})")
+        return train + synthetic, val
 
     def corrupted_pairs(self, records: list[Record]) -> list[Record]:
         """The synthetic pairs for ``records``: ``chosen`` over ``corruption(chosen)``, marked
@@ -270,7 +274,9 @@ class PreferenceDataModule(_JSONLDataModule):
             record = records[index]
             worse = self.corruption(record["chosen"], rng)
             if worse is not None and worse != record["chosen"]:
-                pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": worse, "synthetic": True})
+                pairs.append(
+                    {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": worse, "synthetic": True}
+                )
         return pairs
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
