@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from rlhf_lightning.evaluation import reward_pair_scores
-from rlhf_lightning.pipeline import datamodule_records
+from rlhf_lightning.pipeline import datamodule_records, stage_datamodule
 from rlhf_lightning.rlhf_math import pair_accuracy
 from rlhf_lightning.tasks import BUILTIN_TASKS, import_object
 from rlhf_lightning.tasks.base import compare, judge_validity
@@ -104,11 +104,10 @@ def error_table(run: Path) -> list[dict]:
 def synthetic_fit(run: Path, n: int) -> tuple[float, int]:
     """Accuracy of ``run``'s reward model on the first ``n`` synthetic pairs of its training
     records (its data config; ``synthetic_pairs`` 0.25 where the config has none), and how many."""
-    config = yaml.safe_load((run / "configs" / "reward.yaml").read_text())
-    init_args = dict(config["data"].get("init_args") or {})
-    init_args["synthetic_pairs"] = init_args.get("synthetic_pairs") or 0.25
-    records = import_object(config["data"]["class_path"])(**init_args).load_records()[0]
-    pairs = [r for r in records if r.get("synthetic")][:n]
+    config_path = run / "configs" / "reward.yaml"
+    init_args = yaml.safe_load(config_path.read_text())["data"].get("init_args") or {}
+    data = stage_datamodule(config_path, synthetic_pairs=init_args.get("synthetic_pairs") or 0.25)
+    pairs = data.corrupted_pairs(data.load_records()[0])[:n]
     scores = reward_pair_scores(str(run / "reward" / "model"), pairs, init_args.get("max_length", 256))
     return pair_accuracy(scores[:, 0], scores[:, 1]).mean().item(), len(pairs)
 

@@ -239,12 +239,17 @@ def load_judge(path: str | None) -> Any:
     return None if path is None else load_callable(path, "pipeline: judge")
 
 
-def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The training and validation records of a stage config's data module (its files, split or task)."""
+def stage_datamodule(config_path: str | Path, **overrides: Any) -> Any:
+    """The data module of a stage config, its ``init_args`` updated with ``overrides``."""
     from .tasks import import_object
 
     data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")).get("data") or {}
-    return import_object(data["class_path"])(**(data.get("init_args") or {})).load_records()
+    return import_object(data["class_path"])(**{**(data.get("init_args") or {}), **overrides})
+
+
+def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training and validation records of a stage config's data module (its files, split or task)."""
+    return stage_datamodule(config_path).load_records()
 
 
 def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:

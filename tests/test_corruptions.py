@@ -42,12 +42,22 @@ def pairs(n: int) -> list[dict]:
              "rejected": " fruit."} for i in range(n)]
 
 
+def trained_on(**kwargs) -> PreferenceDataModule:
+    """A data module after setup (what a fit trains and validates on)."""
+    data = PreferenceDataModule(tokenizer="preset:micro-gpt2", max_length=64, **kwargs)
+    data.setup("fit")
+    return data
+
+
 def test_synthetic_pairs_add_chosen_over_its_corruption_to_training_records_only(tmp_path):
     train = write_lines(tmp_path / "train.jsonl", pairs(8))
     val = write_lines(tmp_path / "val.jsonl", pairs(3))
-    data = PreferenceDataModule(train_file=str(train), val_file=str(val), synthetic_pairs=0.5, seed=3)
-    records, held_out = data.load_records()
+    data = trained_on(train_file=str(train), val_file=str(val), synthetic_pairs=0.5, seed=3)
+    records, held_out = data.train_records, data.val_records
     assert records[:8] == pairs(8) and held_out == pairs(3)
+    assert len(data.train_dataset) == 12 and len(data.val_dataset) == 3
+    # the records read stay the files' own (the iterate loop counts them as labels)
+    assert data.load_records() == (pairs(8), pairs(3))
     synthetic = records[8:]
     assert len(synthetic) == 4 and all(r["synthetic"] for r in synthetic)
     originals = {r["prompt"]: r for r in pairs(8)}
@@ -55,10 +65,10 @@ def test_synthetic_pairs_add_chosen_over_its_corruption_to_training_records_only
         assert record["chosen"] == originals[record["prompt"]]["chosen"]
         assert record["rejected"] in {repeat_word(record["chosen"], random.Random(s)) for s in range(100)}
     # drawn with the seed: the same records again, other ones for another seed
-    assert PreferenceDataModule(train_file=str(train), val_file=str(val), synthetic_pairs=0.5, seed=3).load_records()[0] == records
-    other = PreferenceDataModule(train_file=str(train), val_file=str(val), synthetic_pairs=0.5, seed=4).load_records()[0]
+    assert trained_on(train_file=str(train), val_file=str(val), synthetic_pairs=0.5, seed=3).train_records == records
+    other = trained_on(train_file=str(train), val_file=str(val), synthetic_pairs=0.5, seed=4).train_records
     assert other[8:] != synthetic
-    assert PreferenceDataModule(train_file=str(train), val_file=str(val)).load_records()[0] == pairs(8)
+    assert trained_on(train_file=str(train), val_file=str(val)).train_records == pairs(8)
 
 
 def shout(text: str, rng: random.Random) -> str | None:
@@ -67,9 +77,9 @@ def shout(text: str, rng: random.Random) -> str | None:
 
 def test_synthetic_pairs_take_a_corruption_by_import_path_and_skip_what_it_cannot_corrupt(tmp_path):
     train = write_lines(tmp_path / "train.jsonl", pairs(6))
-    data = PreferenceDataModule(train_file=str(train), val_fraction=0.0, synthetic_pairs=1.0,
-                                corruption="tests.test_corruptions.shout")
-    synthetic = data.load_records()[0][6:]
+    data = trained_on(train_file=str(train), val_fraction=0.0, synthetic_pairs=1.0,
+                      corruption="tests.test_corruptions.shout")
+    synthetic = data.train_records[6:]
     assert [r["rejected"] for r in synthetic] == [r["chosen"].upper() for r in pairs(6) if "cherry" not in r["chosen"]]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 _WORD = re.compile(r"[^\W\d_]+")
 
@@ -31,15 +32,14 @@ def repeat_word(text: str, rng: random.Random, min_length: int = 3) -> str | Non
     such pair of words exists (fewer than two words, or every long word already repeated).
     """
     words = list(_WORD.finditer(text))
-    counts: dict[str, int] = {}
-    for match in words:
-        counts[match.group().lower()] = counts.get(match.group().lower(), 0) + 1
+    lowered = [match.group().lower() for match in words]
+    counts = Counter(lowered)
     choices = [
         (i, j)
-        for i, source in enumerate(words)
-        if len(source.group()) >= min_length and counts[source.group().lower()] == 1
+        for i, word in enumerate(lowered)
+        if len(word) >= min_length and counts[word] == 1
         for j in range(i + 1, len(words))
-        if words[j].group().lower() != source.group().lower()
+        if lowered[j] != word
     ]
     if not choices:
         return None

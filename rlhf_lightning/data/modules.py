@@ -124,6 +124,11 @@ class _JSONLDataModule(LightningDataModule):
         held_out = set(order[:n_val])
         return [r for i, r in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)]
 
+    def training_records(self, records: list[Record]) -> list[Record]:
+        """What setup trains on: the training records read (a subclass may add to them; what
+        :meth:`load_records` returns stays the records of the files or task)."""
+        return records
+
     def _encode_all(self, records: list[Record], tokenizer: PreTrainedTokenizerBase, source: str) -> list[dict[str, Any]]:
         encoded = []
         for index, record in enumerate(records):
@@ -148,7 +153,8 @@ class _JSONLDataModule(LightningDataModule):
         if self.train_dataset:
             return
         tokenizer = self.resolve_tokenizer()
-        self.train_records, self.val_records = self.load_records()
+        train, self.val_records = self.load_records()
+        self.train_records = self.training_records(train)
         self.train_dataset = self._encode_all(self.train_records, tokenizer, self.train_file or BUILTIN)
         self.val_dataset = self._encode_all(self.val_records, tokenizer, self.val_file or self.train_file or BUILTIN)
 
@@ -236,9 +242,10 @@ class PreferenceDataModule(_JSONLDataModule):
         **kwargs: Any,
     ) -> None:
         """``synthetic_pairs``: for this fraction of the training records (drawn with ``seed``),
-        add the pair ``chosen`` over ``corruption(chosen)`` to the same prompt
+        train also on the pair ``chosen`` over ``corruption(chosen)`` to the same prompt
         (:mod:`rlhf_lightning.data.corruptions`); ``corruption`` is a callable
-        ``(text, rng) -> str | None`` or its import path. Validation records are kept as read."""
+        ``(text, rng) -> str | None`` or its import path. Validation records are kept as read, and
+        :meth:`load_records` returns only the records read (the iterate loop counts them as labels)."""
         super().__init__(*args, **kwargs)
         if padding_side not in ("left", "right"):
             raise UserInputError(f"data.init_args.padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -253,20 +260,19 @@ class PreferenceDataModule(_JSONLDataModule):
     def read(self, path: str) -> list[Record]:
         return read_preferences(path)
 
-    def load_records(self) -> tuple[list[Record], list[Record]]:
-        train, val = super().load_records()
-        synthetic = self.corrupted_pairs(train)
-        if self.synthetic_pairs > 0.0:
-            rank_zero_info(f"{self.train_file or BUILTIN}: {len(synthetic)} synthetic pairs added to "
-                           f"{len(train)} training pairs (data.init_args.synthetic_pairs={self.synthetic_pairs})")
-        return train + synthetic, val
+    def training_records(self, records: list[Record]) -> list[Record]:
+        """The pairs read, then the synthetic pairs (:meth:`corrupted_pairs`) when asked for."""
+        if self.synthetic_pairs == 0.0:
+            return records
+        synthetic = self.corrupted_pairs(records)
+        rank_zero_info(f"{self.train_file or BUILTIN}: {len(synthetic)} synthetic pairs added to "
+                       f"{len(records)} training pairs (data.init_args.synthetic_pairs={self.synthetic_pairs})")
+        return records + synthetic
 
     def corrupted_pairs(self, records: list[Record]) -> list[Record]:
         """The synthetic pairs for ``records``: ``chosen`` over ``corruption(chosen)``, marked
         ``"synthetic": True``, for a seeded ``synthetic_pairs`` fraction of them (fewer where the
         corruption returns ``None`` or the text unchanged)."""
-        if self.synthetic_pairs == 0.0 or not records:
-            return []
         rng = random.Random(self.seed)
         picked = rng.sample(range(len(records)), round(len(records) * self.synthetic_pairs))
         pairs = []
