@@ -104,11 +104,10 @@ def error_table(run: Path) -> list[dict]:
 def synthetic_fit(run: Path, n: int) -> tuple[float, int]:
     """Accuracy of ``run``'s reward model on the first ``n`` synthetic pairs of its training
     records (its data config; ``synthetic_pairs`` 0.25 where the config has none), and how many."""
-    config_path = run / "configs" / "reward.yaml"
-    init_args = yaml.safe_load(config_path.read_text())["data"].get("init_args") or {}
-    data = stage_datamodule(config_path, synthetic_pairs=init_args.get("synthetic_pairs") or 0.25)
+    data = stage_datamodule(run / "configs" / "reward.yaml")
+    data.synthetic_pairs = data.synthetic_pairs or 0.25
     pairs = data.corrupted_pairs(data.load_records()[0])[:n]
-    scores = reward_pair_scores(str(run / "reward" / "model"), pairs, init_args.get("max_length", 256))
+    scores = reward_pair_scores(str(run / "reward" / "model"), pairs, data.max_length)
     return pair_accuracy(scores[:, 0], scores[:, 1]).mean().item(), len(pairs)
 
 

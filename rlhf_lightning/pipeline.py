@@ -239,12 +239,12 @@ def load_judge(path: str | None) -> Any:
     return None if path is None else load_callable(path, "pipeline: judge")
 
 
-def stage_datamodule(config_path: str | Path, **overrides: Any) -> Any:
-    """The data module of a stage config, its ``init_args`` updated with ``overrides``."""
+def stage_datamodule(config_path: str | Path) -> Any:
+    """The data module of a stage config, built from its ``data`` section."""
     from .tasks import import_object
 
     data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")).get("data") or {}
-    return import_object(data["class_path"])(**{**(data.get("init_args") or {}), **overrides})
+    return import_object(data["class_path"])(**(data.get("init_args") or {}))
 
 
 def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
