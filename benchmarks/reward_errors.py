@@ -36,10 +36,8 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import yaml
-
 from rlhf_lightning.evaluation import reward_pair_scores
-from rlhf_lightning.pipeline import datamodule_records, stage_datamodule
+from rlhf_lightning.pipeline import stage_datamodule, stage_init_args
 from rlhf_lightning.rlhf_math import pair_accuracy
 from rlhf_lightning.tasks import BUILTIN_TASKS, import_object
 from rlhf_lightning.tasks.base import compare, judge_validity
@@ -66,15 +64,14 @@ def pair_kind(valid_chosen: bool, valid_rejected: bool, invalid_text: str, allow
 def error_table(run: Path) -> list[dict]:
     """One row per kind of the run's held-out pairs (see the module docstring)."""
     config_path = run / "configs" / "reward.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    records = datamodule_records(config_path)[1]
-    judge = import_object(config["model"]["init_args"]["judge"])
+    data = stage_datamodule(config_path)
+    records = data.load_records()[1]
+    judge = import_object(stage_init_args(config_path)["judge"])
     prompts = [r["prompt"] for r in records]
     chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
     gold_chosen, gold_rejected = judge(prompts, chosen), judge(prompts, rejected)
     valid_chosen, valid_rejected = judge_validity(judge, prompts, chosen), judge_validity(judge, prompts, rejected)
-    max_length = config["data"]["init_args"].get("max_length", 256)
-    scores = reward_pair_scores(str(run / "reward" / "model"), records, max_length)
+    scores = reward_pair_scores(str(run / "reward" / "model"), records, data.max_length)
     accuracy = pair_accuracy(scores[:, 0], scores[:, 1]).tolist()
     if valid_chosen is None or valid_rejected is None:
         kinds = [ALL_PAIRS] * len(records)

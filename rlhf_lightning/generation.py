@@ -218,7 +218,6 @@ def sample(
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     seed: int | None = None,
-    synced_gpus: bool = False,
 ) -> Responses:
     """Sample one response per left-padded prompt with ``settings``, in eval mode (the model's
     mode is restored). Generation stops at the model's stop ids
@@ -230,7 +229,6 @@ def sample(
     """
     stop_ids = stop_token_ids(model, tokenizer)
     config = sampling_config(tokenizer, **asdict(settings), stop_ids=stop_ids)
-    kwargs = {"synced_gpus": True} if synced_gpus else {}
     was_training = model.training
     model.eval()
     try:
@@ -238,7 +236,7 @@ def sample(
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            response_ids = generate_responses(model, prompt_ids, prompt_mask, config, **kwargs)
+            response_ids = generate_responses(model, prompt_ids, prompt_mask, config)
     finally:
         model.train(was_training)
     response_mask = first_eos_mask(response_ids, stop_ids, tokenizer.pad_token_id)

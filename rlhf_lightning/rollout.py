@@ -123,7 +123,6 @@ class RolloutLoop:
     advantage_estimator: str = "gae"
     forward_batch_size: int = 8
     all_reduce: Callable[[Tensor], Tensor] | None = None
-    synced_gpus: bool = False
 
     @classmethod
     def from_settings(
@@ -132,7 +131,7 @@ class RolloutLoop:
         scores: ScoreSettings, **options: Any,
     ) -> RolloutLoop:
         """A loop configured by the PPO module's settings; ``options``: the other fields
-        (``forward_batch_size``, ``all_reduce``, ``synced_gpus``)."""
+        (``forward_batch_size``, ``all_reduce``)."""
         return cls(
             policy=policy, reference=reference, critic=critic, score_fn=score_fn, tokenizer=tokenizer, generation=generation,
             kl_estimator=kl.estimator, gamma=ppo.gamma, lam=ppo.lam, missing_eos_penalty=scores.missing_eos_penalty,
@@ -141,8 +140,10 @@ class RolloutLoop:
         )
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Responses:
-        """Sample one response per prompt from the policy (:func:`~rlhf_lightning.generation.sample`)."""
-        return sample(self.policy, self.tokenizer, self.generation, prompt_ids, prompt_mask, synced_gpus=self.synced_gpus)
+        """Sample one response per prompt from the policy (:func:`~rlhf_lightning.generation.sample`;
+        on a sharded policy transformers keeps the ranks' forwards in step:
+        :func:`~rlhf_lightning.sharding.shard_model`)."""
+        return sample(self.policy, self.tokenizer, self.generation, prompt_ids, prompt_mask)
 
     @torch.no_grad()
     def forward_statistics(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -63,10 +63,10 @@ def fit(policy: str, prompts: str, out: Path, devices: int, callbacks=(), ckpt_p
 
 
 def generate_unequal_lengths(module: PPOModule) -> None:
-    """Rank r samples 2 + 4r tokens without asking for synced_gpus (as validation does): generation
-    on the sharded policy must still keep every rank's forwards in step, and so must the rollout's."""
+    """Rank r samples 2 + 4r tokens through the one sampling routine (the rollout's and
+    validation's) without asking for synced_gpus: generation on the sharded policy must still keep
+    every rank's forwards in step."""
     rank = torch.distributed.get_rank()
-    assert module.rollout_loop().synced_gpus
     prompt_ids = torch.full((2, 3), 65)
     length = 2 + 4 * rank
     responses = sample(module.policy, module.tokenizer, GenerationSettings(max_new_tokens=length, min_new_tokens=length),

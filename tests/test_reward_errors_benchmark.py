@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,12 +38,19 @@ def test_kinds_of_pairs_and_their_share_of_the_gap(monkeypatch, tmp_path: Path):
         {"prompt": prompt, "chosen": " kiwi, kiwi.", "rejected": " kiwi"},              # invalid / invalid
     ]
     scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 1.0], [3.0, 3.0]])
-    monkeypatch.setattr(script, "datamodule_records", lambda config: ([], records))
-    monkeypatch.setattr(script, "reward_pair_scores", lambda folder, recs, max_length: scores)
     run = tmp_path / "lists" / "seed0"
+    data_module = SimpleNamespace(load_records=lambda: ([], records), max_length=128)
+    monkeypatch.setattr(script, "stage_datamodule",
+                        lambda config: data_module if config == run / "configs" / "reward.yaml" else None)
+
+    def pair_scores(folder, recs, max_length):
+        assert (folder, recs, max_length) == (str(run / "reward" / "model"), records, 128)  # the data module's
+        return scores
+
+    monkeypatch.setattr(script, "reward_pair_scores", pair_scores)
     (run / "configs").mkdir(parents=True)
     (run / "configs" / "reward.yaml").write_text(yaml.safe_dump(
-        {"model": {"init_args": {"judge": "rlhf_lightning.tasks.lists.judge"}}, "data": {"init_args": {"max_length": 128}}}))
+        {"model": {"init_args": {"judge": "rlhf_lightning.tasks.lists.judge"}}}))
     rows = {row["kind"]: row for row in script.error_table(run)}
     assert list(rows) == list(script.KINDS)
     assert [row["n"] for row in rows.values()] == [2, 1, 1, 1]

@@ -37,7 +37,7 @@ from ..ppo_settings import (ImplicitRewardSettings, KLSettings, PPOSettings, Sco
 from ..reward_sources import TextRewardFn
 from ..rng import restore_rank_state, rng_states_of_all_ranks
 from ..rollout import RolloutBatch, RolloutLoop, rollout_statistics
-from ..sharding import is_sharded, shard_models
+from ..sharding import shard_models
 from ..terminal import KnownWarningsSilenced
 from ..text_logging import log_text_samples
 from .export import ExportingModule, export_at_fit_end
@@ -214,8 +214,7 @@ class PPOModule(ExportingModule):
         reduce = (lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")) if self.trainer.world_size > 1 else None
         return self.rollout_loop_class.from_settings(
             self.policy, self.reference, self.critic, self.compute_scores, self.tokenizer, self.generation, self.ppo, self.kl,
-            self.score_settings, forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce,
-            synced_gpus=is_sharded(self.policy))
+            self.score_settings, forward_batch_size=self.hparams.forward_batch_size, all_reduce=reduce)
 
     def compute_scores(self, responses: Responses) -> Tensor:
         """Scores ``(b,)`` of a batch of responses: the hook to override for a custom reward.
