@@ -1,47 +1,49 @@
-"""How far the suite's comparison of a finished run moves with its samples: the judge score,
-validity (and SFT's), win rate over SFT and KL of each run's final policy against its SFT policy (the
-pipeline's comparison: the PPO config's validation prompts and sampling, one sample per prompt),
-drawn ``--samples`` times with different sampling seeds (the run's own seed first, as the suite
-and the pipeline draw it, then 1000, 2000, ...): the mean, the standard deviation and the range
-of the judge score over the draws, and the means of the rest.
+"""How far the pipeline's final comparison of a finished run moves with its samples: the judge
+score, validity (and SFT's), win rate over SFT and KL of each run's final policy against its SFT
+policy, as the pipeline's evaluation draws them (``rlhf_lightning.pipeline.evaluate``: one
+sample of each policy per held-out prompt), drawn ``--samples`` times with different sampling
+seeds (the run's own seed first, the pipeline's figure, then 1000, 2000, ...): the mean, the
+standard deviation and the range of the judge score over the draws, and the means of the rest.
 
     python benchmarks/eval_spread.py outputs/oracle-b10/*/seed* --samples 5
 
-A run folder is one of ``benchmarks/suite.py``'s, ``<out>/<task>/seed<S>``: ``configs/ppo.yaml``,
-``sft/model`` and ``ppo/policy``. Nothing is trained; each draw samples both policies once per
-validation prompt.
+A run folder is one of ``benchmarks/suite.py``'s, ``<out>/<task>/seed<S>``, whose
+``configs/pipeline.yaml`` names its stage configs, judge and seed. Nothing is trained.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
-from rlhf_lightning.evaluation import compare_policies
-from rlhf_lightning.generation import GenerationSettings
-from rlhf_lightning.pipeline import datamodule_records, stage_init_args
-from rlhf_lightning.tasks import import_object
+import yaml
+
+from rlhf_lightning.evaluation import PolicyComparison
+from rlhf_lightning.pipeline import PipelineConfig, evaluate, stage_outputs
 
 
 def draw_seeds(run_seed: int, samples: int) -> list[int]:
-    """The sampling seeds of the draws: the run's own (the suite's figure), then 1000, 2000, ..."""
+    """The sampling seeds of the draws: the run's own (the pipeline's figure), then 1000, 2000, ..."""
     return [run_seed] + [1000 * k for k in range(1, samples)]
+
+
+def pipeline_config(run: Path) -> PipelineConfig:
+    """The pipeline config of a suite run folder."""
+    path = run / "configs" / "pipeline.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{run}: no configs/pipeline.yaml; give a benchmarks/suite.py run folder (<out>/<task>/seed<S>)")
+    return PipelineConfig(**yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 def spread(run: Path, samples: int) -> dict[str, float]:
     """The draws' judge score (mean, sd, min, max) and mean validity (the policy's and SFT's),
     win rate and KL for ``run``."""
-    config = run / "configs" / "ppo.yaml"
-    init_args = stage_init_args(config)
-    seed = int(run.name.removeprefix("seed"))
-    prompts = datamodule_records(config)[1]
-    draws = [
-        compare_policies(str(run / "ppo" / "policy"), str(run / "sft" / "model"), prompts,
-                         generation=GenerationSettings(**(init_args.get("generation") or {})),
-                         judge=import_object(init_args["judge"]), seed=draw_seed)[0]
-        for draw_seed in draw_seeds(seed, samples)
-    ]
+    config = pipeline_config(run)
+    outputs = stage_outputs(config)
+    draws = [PolicyComparison(**evaluate(replace(config, seed=seed), outputs)["comparison"])
+             for seed in draw_seeds(config.seed, samples)]
     gold = [d.gold_score for d in draws]
     return {"gold": statistics.mean(gold), "sd": statistics.stdev(gold) if len(gold) > 1 else 0.0,
             "min": min(gold), "max": max(gold), "valid": statistics.mean(d.validity or 0.0 for d in draws),
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         r = spread(run, args.samples)
-        print(f"| {run} | {r['gold']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['valid']:.3f} | {r['valid_sft']:.3f} "
-              f"| {r['win']:.3f} | {r['kl']:.2f} |", flush=True)
+        print(f"| {run} | {r['gold']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['valid']:.3f} "
+              f"| {r['valid_sft']:.3f} | {r['win']:.3f} | {r['kl']:.2f} |", flush=True)
     return 0
 
 

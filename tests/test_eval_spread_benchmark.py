@@ -1,11 +1,12 @@
-"""benchmarks/eval_spread.py draws the suite's comparison of a finished run several times, with
-the run's own sampling seed first, and reports the spread of the judge score."""
+"""benchmarks/eval_spread.py draws the pipeline's final comparison of a finished run several
+times, with the run's own sampling seed first, and reports the spread of the judge score."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf_lightning.evaluation import PolicyComparison
 
@@ -14,30 +15,33 @@ from .conftest import load_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_spread_draws_from_the_runs_seed_then_others(monkeypatch, tmp_path: Path, capsys):
+def test_spread_draws_the_pipelines_comparison_from_the_runs_seed_then_others(monkeypatch, tmp_path: Path, capsys):
     script = load_script(ROOT / "benchmarks" / "eval_spread.py", "eval_spread_benchmark")
     run = tmp_path / "lists" / "seed1"
-    prompts = [{"prompt": "List two fruits:"}]
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "pipeline.yaml").write_text(yaml.safe_dump({
+        "run_dir": str(run), "sft": "sft.yaml", "reward": "reward.yaml", "ppo": "ppo.yaml",
+        "judge": "rlhf_lightning.tasks.lists.judge", "seed": 1}))
+    outputs = {"sft": "sft/model", "ppo": "ppo/policy"}
     gold = {1: 0.5, 1000: 0.7, 2000: 0.6}
     calls = []
 
-    def compare(policy, baseline, records, generation, judge, seed):
-        calls.append((policy, baseline, records, generation.max_new_tokens, judge, seed))
-        return PolicyComparison(num_prompts=1, score=None, baseline_score=None, kl=seed / 1000, response_length=1.0,
-                                baseline_response_length=1.0, gold_score=gold[seed], gold_win_rate=gold[seed] + 0.1,
-                                validity=1.0, baseline_validity=0.5), []
+    def evaluate(config, stage_outputs):
+        calls.append((config.run_dir, config.judge, config.seed, stage_outputs))
+        comparison = PolicyComparison(num_prompts=1, score=None, baseline_score=None, kl=config.seed / 1000,
+                                      response_length=1.0, baseline_response_length=1.0, gold_score=gold[config.seed],
+                                      gold_win_rate=gold[config.seed] + 0.1, validity=1.0, baseline_validity=0.5)
+        return {"comparison": comparison.to_dict()}
 
-    monkeypatch.setattr(script, "compare_policies", compare)
-    monkeypatch.setattr(script, "datamodule_records", lambda config: ([], prompts))
-    monkeypatch.setattr(script, "stage_init_args", lambda config: {
-        "judge": "rlhf_lightning.tasks.lists.judge", "generation": {"max_new_tokens": 7}})
+    monkeypatch.setattr(script, "evaluate", evaluate)
+    monkeypatch.setattr(script, "stage_outputs", lambda config: outputs if config.ppo == "ppo.yaml" else None)
     assert script.main([str(run), "--samples", "3"]) == 0
-    judge = script.import_object("rlhf_lightning.tasks.lists.judge")
-    assert calls == [(str(run / "ppo" / "policy"), str(run / "sft" / "model"), prompts, 7, judge, seed)
-                     for seed in (1, 1000, 2000)]
+    assert calls == [(str(run), "rlhf_lightning.tasks.lists.judge", seed, outputs) for seed in (1, 1000, 2000)]
     row = capsys.readouterr().out.splitlines()[-1]
     # gold 0.5, 0.7, 0.6: mean 0.6, sd 0.1; win 0.1 above; KL (0.001 + 1 + 2) / 3
     assert row == f"| {run} | 0.600 | 0.100 | 0.500 | 0.700 | 1.000 | 0.500 | 0.700 | 1.00 |"
-    assert script.spread(run, 1)["sd"] == pytest.approx(0.0)  # one draw: the suite's own figure
+    assert script.spread(run, 1)["sd"] == pytest.approx(0.0)  # one draw: the pipeline's own figure
     with pytest.raises(SystemExit):
         script.main([str(run), "--samples", "0"])
+    with pytest.raises(SystemExit, match="no configs/pipeline.yaml"):
+        script.spread(tmp_path, 1)
