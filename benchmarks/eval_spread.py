@@ -6,9 +6,11 @@ seeds (the run's own seed first, the pipeline's figure, then 1000, 2000, ...): t
 standard deviation and the range of the judge score over the draws, and the means of the rest.
 
     python benchmarks/eval_spread.py outputs/oracle-b10/*/seed* --samples 5
+    python benchmarks/eval_spread.py configs/demo/pipeline.yaml
 
-A run folder is one of ``benchmarks/suite.py``'s, ``<out>/<task>/seed<S>``, whose
-``configs/pipeline.yaml`` names its stage configs, judge and seed. Nothing is trained.
+A run is a pipeline config (``rlhf-lightning pipeline --config FILE``, run to the end) or a
+``benchmarks/suite.py`` run folder, ``<out>/<task>/seed<S>``, whose ``configs/pipeline.yaml`` is
+that config. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ def draw_seeds(run_seed: int, samples: int) -> list[int]:
 
 
 def pipeline_config(run: Path) -> PipelineConfig:
-    """The pipeline config of a suite run folder."""
-    path = run / "configs" / "pipeline.yaml"
+    """The pipeline config ``run`` is, or that of a suite run folder."""
+    path = run if run.is_file() else run / "configs" / "pipeline.yaml"
     if not path.is_file():
-        raise SystemExit(f"{run}: no configs/pipeline.yaml; give a benchmarks/suite.py run folder (<out>/<task>/seed<S>)")
-    return PipelineConfig(**yaml.safe_load(path.read_text(encoding="utf-8")))
+        raise SystemExit(f"{run}: neither a pipeline config nor a benchmarks/suite.py run folder with configs/pipeline.yaml")
+    try:
+        return PipelineConfig(**yaml.safe_load(path.read_text(encoding="utf-8")))
+    except TypeError as error:  # a key PipelineConfig does not have
+        raise SystemExit(f"{path}: {error}") from None
 
 
 def spread(run: Path, samples: int) -> dict[str, float]:
@@ -53,7 +58,7 @@ def spread(run: Path, samples: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="suite run folders, <out>/<task>/seed<S>")
+    parser.add_argument("runs", nargs="+", type=Path, help="pipeline configs, or suite run folders <out>/<task>/seed<S>")
     parser.add_argument("--samples", type=int, default=5, help="draws per run (at least 1)")
     args = parser.parse_args(argv)
     if args.samples < 1:

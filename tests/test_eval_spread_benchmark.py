@@ -43,5 +43,12 @@ def test_spread_draws_the_pipelines_comparison_from_the_runs_seed_then_others(mo
     assert script.spread(run, 1)["sd"] == pytest.approx(0.0)  # one draw: the pipeline's own figure
     with pytest.raises(SystemExit):
         script.main([str(run), "--samples", "0"])
-    with pytest.raises(SystemExit, match="no configs/pipeline.yaml"):
+    calls.clear()  # the pipeline config itself is a run too
+    assert script.spread(run / "configs" / "pipeline.yaml", 2)["gold"] == pytest.approx(0.6)
+    assert [seed for _, _, seed, _ in calls] == [1, 1000]
+    with pytest.raises(SystemExit, match="neither a pipeline config nor"):
         script.spread(tmp_path, 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\nsft: a\nreward: b\nppo: c\nbogus: 1\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml: .*unexpected keyword argument 'bogus'"):
+        script.spread(bad, 1)
