@@ -1,7 +1,7 @@
 """How far the pipeline's final comparison of a finished run moves with its samples: the judge
 score, validity (and SFT's), win rate over SFT and KL of each run's final policy against its SFT
-policy, as the pipeline's evaluation draws them (``rlhf_lightning.pipeline.evaluate``: one
-sample of each policy per held-out prompt), drawn ``--samples`` times with different sampling
+policy, as the pipeline's evaluation draws them (``rlhf_lightning.pipeline.final_comparison``:
+one sample of each policy per held-out prompt), drawn ``--samples`` times with different sampling
 seeds (the run's own seed first, the pipeline's figure, then 1000, 2000, ...): the mean, the
 standard deviation and the range of the judge score over the draws, and the means of the rest.
 
@@ -20,10 +20,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
-from rlhf_lightning.evaluation import PolicyComparison
-from rlhf_lightning.pipeline import PipelineConfig, evaluate, stage_outputs
+from rlhf_lightning.pipeline import PipelineConfig, final_comparison, load_judge, parse_settings, stage_outputs
 
 
 def draw_seeds(run_seed: int, samples: int) -> list[int]:
@@ -32,28 +29,37 @@ def draw_seeds(run_seed: int, samples: int) -> list[int]:
 
 
 def pipeline_config(run: Path) -> PipelineConfig:
-    """The pipeline config ``run`` is, or that of a suite run folder."""
+    """The pipeline config ``run`` is, or that of a suite run folder (read as ``rlhf-lightning
+    pipeline --config`` reads it)."""
     path = run if run.is_file() else run / "configs" / "pipeline.yaml"
     if not path.is_file():
         raise SystemExit(f"{run}: neither a pipeline config nor a benchmarks/suite.py run folder with configs/pipeline.yaml")
-    try:
-        return PipelineConfig(**yaml.safe_load(path.read_text(encoding="utf-8")))
-    except TypeError as error:  # a key PipelineConfig does not have
-        raise SystemExit(f"{path}: {error}") from None
+    config = parse_settings(PipelineConfig, "eval_spread", None, ["--config", str(path)])
+    if config.judge is None:
+        raise SystemExit(f"{path}: judge is null; the spread is the judge score's, so the config needs one")
+    return config
 
 
-def spread(run: Path, samples: int) -> dict[str, float]:
+def spread(run: Path, samples: int) -> dict[str, float | None]:
     """The draws' judge score (mean, sd, min, max) and mean validity (the policy's and SFT's),
     win rate and KL for ``run``."""
     config = pipeline_config(run)
-    outputs = stage_outputs(config)
-    draws = [PolicyComparison(**evaluate(replace(config, seed=seed), outputs)["comparison"])
-             for seed in draw_seeds(config.seed, samples)]
+    outputs, judge = stage_outputs(config), load_judge(config.judge)
+    draws = [final_comparison(replace(config, seed=seed), outputs, judge)[0] for seed in draw_seeds(config.seed, samples)]
     gold = [d.gold_score for d in draws]
     return {"gold": statistics.mean(gold), "sd": statistics.stdev(gold) if len(gold) > 1 else 0.0,
-            "min": min(gold), "max": max(gold), "valid": statistics.mean(d.validity or 0.0 for d in draws),
-            "valid_sft": statistics.mean(d.baseline_validity or 0.0 for d in draws),
+            "min": min(gold), "max": max(gold), "valid": mean_or_none([d.validity for d in draws]),
+            "valid_sft": mean_or_none([d.baseline_validity for d in draws]),
             "win": statistics.mean(d.gold_win_rate for d in draws), "kl": statistics.mean(d.kl for d in draws)}
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    """The mean, or None where the judge has no validity check (its figures are None)."""
+    return None if None in values else statistics.mean(values)
+
+
+def cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         r = spread(run, args.samples)
-        print(f"| {run} | {r['gold']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['valid']:.3f} "
-              f"| {r['valid_sft']:.3f} | {r['win']:.3f} | {r['kl']:.2f} |", flush=True)
+        print(f"| {run} | {r['gold']:.3f} | {r['sd']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {cell(r['valid'])} "
+              f"| {cell(r['valid_sft'])} | {r['win']:.3f} | {r['kl']:.2f} |", flush=True)
     return 0
 
 

@@ -252,14 +252,13 @@ def datamodule_records(config_path: str | Path) -> tuple[list[dict[str, Any]], l
     return stage_datamodule(config_path).load_records()
 
 
-def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
-    """Compare the final policy (PPO's or DPO's) with the SFT policy on held-out prompts: the
-    ``eval_prompts``, else the validation prompts of the policy stage's data."""
+def final_comparison(config: PipelineConfig, outputs: dict[str, str], judge: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Compare the final policy (PPO's or DPO's) with the SFT policy on held-out prompts (the
+    ``eval_prompts``, else the validation prompts of the policy stage's data), sampled with
+    ``config.seed``: the :class:`~rlhf_lightning.evaluation.PolicyComparison` and the per-prompt rows."""
     from .records import read_prompts
     from .evaluation import compare_policies
-    from .tasks import label_agreement
 
-    judge = load_judge(config.judge)
     stage = policy_stage(outputs)
     # DPO's policy is compared as PPO's would be: on the PPO config's prompts and sampling settings
     # when that file exists, else on its own pairs' prompts with default sampling
@@ -271,10 +270,20 @@ def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
     if not prompts:
         raise UserInputError(f"{prompts_from}: no validation prompts for the final comparison; hint: set eval_prompts")
     sampling = stage_init_args(config.ppo).get("generation") if has_ppo else None
-    comparison, rows = compare_policies(
+    return compare_policies(
         outputs[stage], outputs["sft"], prompts, reward_model_dir=outputs.get("reward"),
         generation=GenerationSettings(**(sampling or {})), judge=judge, seed=config.seed,
     )
+
+
+def evaluate(config: PipelineConfig, outputs: dict[str, str]) -> dict[str, Any]:
+    """The run's summary: the :func:`final_comparison`, the stages' last logged values and the
+    reward labels' ceiling by the judge."""
+    from .tasks import label_agreement
+
+    judge = load_judge(config.judge)
+    stage = policy_stage(outputs)
+    comparison, rows = final_comparison(config, outputs, judge)
     scalars = read_scalars(Path(config.run_dir))
     final = {stage: {tag: values[-1][1] for tag, values in tags.items()} for stage, tags in scalars.items()}
     # (no reward stage: an old reward sub-run left in run_dir is not this run's)
